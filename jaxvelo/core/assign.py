@@ -1,0 +1,246 @@
+"""Time assignment: inverse formula, projection argmin, ``adjust_increments`` and the
+``assign_timepoints`` mode of ``compute_divergence`` (scvelo/tools/_em_model_utils.py).
+
+All functions act on one gene; cells are a fixed axis and ragged subsets are masks.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from .kinetics import linspace, solution, tau_inv
+from .numerics import np_percentile_masked
+
+
+class Neighbors(NamedTuple):
+    """Row-normalised kNN connectivities as padded neighbour lists.
+
+    ``scvelo.preprocessing.neighbors.get_connectivities`` as CSR: row ``i`` has entries
+    ``val[i, k]`` at columns ``idx[i, k]`` for ``k < nnz_i`` in CSR storage order; padding
+    has ``val == 0`` and ``idx == i``.
+    """
+
+    idx: Array  # (n_obs, K) int32
+    val: Array  # (n_obs, K) float32, as upstream casts the connectivities
+    zero: Array  # () int64 runtime zero, see :func:`smooth`
+
+
+def smooth(nbrs: Neighbors | None, res: Array) -> Array:
+    """``connectivities.dot(res.T).T`` for ``res`` of shape (rows, n_obs).
+
+    scipy's ``csr_matvecs`` accumulates ``y += a * x`` row by row in CSR order, starting
+    from zero, in the upcast dtype of (float32 connectivities, res). The sequential loop
+    keeps that summation order.
+    """
+    if nbrs is None:
+        return res
+    val = nbrs.val.astype(jnp.result_type(nbrs.val, res))
+    K = nbrs.idx.shape[1]
+
+    def body(k, acc):
+        prod = val[:, k] * res[:, nbrs.idx[:, k]]
+        return acc + _rounded(prod, nbrs.zero)
+
+    return jax.lax.fori_loop(0, K, body, jnp.zeros_like(res))
+
+
+def _rounded(x: Array, zero: Array) -> Array:
+    """``x`` unchanged, but opaque to the compiler.
+
+    XLA's CPU backend contracts ``acc + a * x`` into a fused multiply-add (one rounding
+    where scipy's ``y += a * x`` rounds twice). OR-ing the bits with a zero that is only
+    known at run time stops the contraction and keeps scipy's result bit for bit.
+    """
+    if x.dtype != jnp.float64:
+        return x
+    bits = jax.lax.bitcast_convert_type(x, jnp.int64) | zero
+    return jax.lax.bitcast_convert_type(bits, jnp.float64)
+
+
+def _projection_grid_size(n_obs: int) -> int:
+    # _em_model_utils.assign_tau ~192: num = np.clip(int(len(u) / 5), 200, 500)
+    return int(min(max(int(n_obs / 5), 200), 500))
+
+
+def _project(u: Array, s: Array, gu: Array, gs: Array, tpoints: Array) -> Array:
+    """``tpoints[((xt[None] - x_obs[:, None]) ** 2).sum(2).argmin(1)]`` without the
+    (cells x grid x 2) temporary: a running first-minimum over grid points."""
+
+    def body(j, carry):
+        best, arg = carry
+        d = (gu[j] - u) ** 2 + (gs[j] - s) ** 2
+        better = d < best
+        return jnp.where(better, d, best), jnp.where(better, j, arg)
+
+    best0 = (gu[0] - u) ** 2 + (gs[0] - s) ** 2
+    # np.argmin returns the first NaN; NaN distances do not occur for finite parameters.
+    _, arg = jax.lax.fori_loop(1, gu.shape[0], body, (best0, jnp.zeros(u.shape, jnp.int32)))
+    return tpoints[arg]
+
+
+def assign_tau(
+    u: Array,
+    s: Array,
+    alpha: Array,
+    beta: Array,
+    gamma: Array,
+    t_: Array,
+    u0_: Array,
+    s0_: Array,
+    assignment_mode: str | None,
+) -> tuple[Array, Array]:
+    """``_em_model_utils.assign_tau``: (tau, tau_) by projection or by the inverse formula.
+
+    ``"projection"`` projects only when ``beta < gamma`` (utils ~189-191); both branches
+    are computed and selected per gene.
+    """
+    projection_modes = {"full_projection", "partial_projection", "projection"}
+
+    def inverse():
+        tau = tau_inv(u, s, 0, 0, alpha, beta, gamma)
+        tau = jnp.clip(tau, 0, t_)
+        tau_ = tau_inv(u, s, u0_, s0_, 0, beta, gamma)
+        tau_max = jnp.max(jnp.where(s > 0, tau_, -jnp.inf))
+        tau_ = jnp.clip(tau_, 0, tau_max)
+        return tau, tau_
+
+    def projection():
+        num = _projection_grid_size(u.shape[0])
+        u_min = jnp.min(jnp.where(s > 0, u, jnp.inf))
+        t0 = tau_inv(u_min, u0=u0_, alpha=0, beta=beta)
+        tpoints = linspace(0, t_, num)
+        tpoints_ = linspace(0, t0, num)[1:]
+        gu, gs = solution(tpoints, alpha, beta, gamma)
+        gu_, gs_ = solution(tpoints_, 0, beta, gamma, u0_, s0_)
+        return _project(u, s, gu, gs, tpoints), _project(u, s, gu_, gs_, tpoints_)
+
+    if assignment_mode not in projection_modes:
+        return inverse()
+    if assignment_mode == "projection":
+        tau_p, tau_p_ = projection()
+        tau_i, tau_i_ = inverse()
+        use = beta < gamma
+        return jnp.where(use, tau_p, tau_i), jnp.where(use, tau_p_, tau_i_)
+    return projection()
+
+
+def _sorted_gaps(x: Array, mask: Array) -> tuple[Array, Array, Array]:
+    """Sorted masked values (``+inf`` padded), ``np.diff(sorted, prepend=0)``, validity."""
+    xs = jnp.sort(jnp.where(mask, x, jnp.inf))
+    dx = jnp.diff(xs, prepend=jnp.zeros((1,), xs.dtype))
+    valid = jnp.arange(x.shape[0]) < jnp.sum(mask)
+    return xs, dx, valid
+
+
+def _subtract_gaps(x: Array, mask: Array, xs: Array, dx: Array, big: Array) -> Array:
+    """``for i in where(big): x_new[x >= xs[i]] -= dx[i]`` in ascending ``i``.
+
+    Upstream (utils ~150, ~155) subtracts sequentially and tests on the original values;
+    the loop keeps that order of subtractions (it matters in the last bits).
+    """
+    n = x.shape[0]
+    pos = jnp.arange(n)
+
+    def cond(carry):
+        i_prev, _ = carry
+        return jnp.any(big & (pos > i_prev))
+
+    def body(carry):
+        i_prev, x_new = carry
+        i = jnp.argmax(big & (pos > i_prev))
+        x_new = jnp.where(mask & (x >= xs[i]), x_new - dx[i], x_new)
+        return i, x_new
+
+    _, x_new = jax.lax.while_loop(cond, body, (jnp.asarray(-1, pos.dtype), x))
+    return x_new
+
+
+def adjust_increments(tau: Array, on: Array, tau_: Array, off: Array) -> tuple[Array, Array]:
+    """Masked port of ``_em_model_utils.adjust_increments`` as called in
+    ``compute_divergence`` (utils ~296-302).
+
+    Removes gaps larger than ``3 * np.percentile(gaps, 99.5)`` from the sorted times of the
+    'on' cells (``tau[on]``) and of the 'off' cells (``tau_[off]``); with both present the
+    threshold comes from the stacked gaps of both (utils ~145). Cells outside the masks keep
+    their values.
+    """
+    xs, dx, valid = _sorted_gaps(tau, on)
+    xs_, dx_, valid_ = _sorted_gaps(tau_, off)
+    any_on, any_off = jnp.any(on), jnp.any(off)
+    # A missing group contributes no gaps (utils ~140 vs ~145: single-group threshold).
+    gaps = jnp.concatenate([dx, dx_])
+    gmask = jnp.concatenate([valid & any_on, valid_ & any_off])
+    ub = 3 * np_percentile_masked(gaps, gmask, 99.5)
+    tau_new = _subtract_gaps(tau, on, xs, dx, valid & (dx > ub))
+    tau_new_ = _subtract_gaps(tau_, off, xs_, dx_, valid_ & (dx_ > ub))
+    return tau_new, tau_new_
+
+
+class Assignment(NamedTuple):
+    """Result of one time assignment (``mode="assign_timepoints"``, plus ``mode="tau"``)."""
+
+    t: Array  # (n_obs,) time
+    tau: Array  # (n_obs,) 'on' time, zeroed where not on (assign_timepoints)
+    o: Array  # (n_obs,) int32 state, 1 on / 0 off
+    tau_full: Array  # (n_obs,) adjusted tau before zeroing (mode="tau")
+    tau_full_: Array  # (n_obs,) adjusted tau_ before zeroing (mode="tau")
+
+
+def assign_timepoints(
+    u: Array,
+    s: Array,
+    alpha: Array,
+    beta: Array,
+    gamma: Array,
+    scaling: Array,
+    t_: Array,
+    std_u: Array,
+    std_s: Array,
+    nbrs: Neighbors | None,
+    assignment_mode: str | None,
+    fit_steady_states: bool = True,
+) -> Assignment:
+    """``compute_divergence(mode="assign_timepoints")`` for ``u`` already divided by scaling.
+
+    Follows utils ~250-440: ``(u0_, s0_)`` from ``t_``; ``assign_tau``; ``std_u /= scaling``;
+    on/off by the smoothed 2-row distances, ``adjust_increments``; then the 4-row argmin with
+    steady states, ``tau_ *= o == 0``, ``tau *= o == 1`` *before* remapping 2->1 and 3->0.
+    """
+    u0_, s0_ = solution(t_, alpha, beta, gamma)
+    tau, tau_ = assign_tau(u, s, alpha, beta, gamma, t_, u0_, s0_, assignment_mode)
+    std_u = std_u / scaling
+
+    # constraint_time_increments (utils ~284-302)
+    ut, st = solution(tau, alpha, beta, gamma)
+    ut_, st_ = solution(tau_, 0, beta, gamma, u0_, s0_)
+    distu, distu_ = (u - ut) / std_u, (u - ut_) / std_u
+    dists, dists_ = (s - st) / std_s, (s - st_) / std_s
+    res = smooth(nbrs, jnp.stack([distu_**2 + dists_**2, distu**2 + dists**2]))
+    on = res[1] < res[0]  # np.argmin over 2 rows: ties go to row 0 ('off')
+    tau, tau_ = adjust_increments(tau, on, tau_, ~on)
+
+    ut, st = solution(tau, alpha, beta, gamma)
+    ut_, st_ = solution(tau_, 0, beta, gamma, u0_, s0_)
+    distu, distu_ = (u - ut) / std_u, (u - ut_) / std_u
+    dists, dists_ = (s - st) / std_s, (s - st_) / std_s
+    distx = distu**2 + dists**2
+    distx_ = distu_**2 + dists_**2
+    if fit_steady_states:
+        u_inf, s_inf = alpha / beta, alpha / gamma
+        distx_steady = ((u - u_inf) / std_u) ** 2 + ((s - s_inf) / std_s) ** 2
+        distx_steady_ = (u / std_u) ** 2 + (s / std_s) ** 2
+        rows = jnp.stack([distx_, distx, distx_steady_, distx_steady])
+    else:
+        rows = jnp.stack([distx_, distx])
+    res = smooth(nbrs, rows)
+    o4 = jnp.argmin(res, axis=0).astype(jnp.int32)
+    tau_z = tau * (o4 == 1)
+    tau_z_ = tau_ * (o4 == 0)
+    # utils ~433-437: 2 (lower steady state) -> on, 3 (upper steady state) -> off
+    o = jnp.where(o4 == 2, 1, jnp.where(o4 == 3, 0, o4)).astype(jnp.int32)
+    t = tau_z * (o == 1) + (tau_z_ + t_) * (o == 0)
+    return Assignment(t=t, tau=tau_z, o=o, tau_full=tau, tau_full_=tau_)

@@ -1,0 +1,394 @@
+"""The EM schedule of ``DynamicsRecovery`` (scvelo/tools/_em_model_core.py) for one gene.
+
+``fit_gene`` is written for a single gene and batched once with ``jit(vmap(...))`` in
+:mod:`jaxvelo.core.batch`. The upstream object's mutable attributes become the immutable
+:class:`EMState`; ``update()``'s accept-if-improved logic becomes :func:`update`, which
+returns the next state. Parameter vectors use upstream's ``pars`` order
+``[alpha, beta, gamma, t_, scaling]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax.numpy as jnp
+from jax import Array
+
+from . import objective as obj
+from .assign import Assignment, Neighbors, assign_timepoints
+from .kinetics import linspace, tau_inv, unspliced
+from .nelder_mead import nelder_mead
+from .numerics import compact, np_mean, np_percentile, np_std, pairwise_sum, test_bimodality
+
+ALPHA, BETA, GAMMA, T_, SCALING = range(5)
+PAR_NAMES = ("alpha", "beta", "gamma", "t_", "scaling")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Static configuration of a fit (hashable: part of the compiled program's key).
+
+    Attributes
+    ----------
+    n_obs
+        Number of cells.
+    max_iter
+        ``max_iter`` of ``recover_dynamics``; each Nelder-Mead stage gets
+        ``int(max_iter / 5)`` iterations (utils ``simplex_kwargs``).
+    assignment_mode
+        Final assignment mode (None = inverse formula).
+    fit_scaling
+        True / False, or a float starting value (still fitted when truthy, PARITY.md).
+    fit_steady_states, fit_time
+        As upstream.
+    high_pars_resolution
+        Accept-if-improved update after every Nelder-Mead iteration (upstream callbacks).
+    perc
+        Upper percentile of the cell weights (``BaseDynamics(perc=99)``).
+    """
+
+    n_obs: int
+    max_iter: int = 10
+    assignment_mode: str | None = "projection"
+    fit_scaling: bool | float = True
+    fit_steady_states: bool = True
+    fit_time: bool = True
+    high_pars_resolution: bool = False
+    perc: float = 99
+
+    @property
+    def nm_maxiter(self) -> int:
+        return int(self.max_iter / 5)
+
+    @property
+    def do_fit_scaling(self) -> bool:
+        return bool(self.fit_scaling)
+
+    @property
+    def hist_len(self) -> int:
+        """Upper bound on accepted updates: initial loss, 8 scaling tries, 5 alpha tries,
+        one per stage (6) and the two final updates, plus callbacks."""
+        n = 1 + 8 + 5 + 6 + 2
+        if self.high_pars_resolution:
+            n += 6 * max(self.nm_maxiter, 1)
+        return n
+
+
+class GeneData(NamedTuple):
+    """One gene's observations (already basal-corrected) in the data dtype."""
+
+    u: Array  # (n_obs,)
+    s: Array  # (n_obs,)
+    prior: Array  # (n_obs,) bool steady-state prior (all False when None)
+
+
+class EMState(NamedTuple):
+    """The mutable attributes of upstream's ``DynamicsRecovery`` during the fit."""
+
+    pars: Array  # (5,) current [alpha, beta, gamma, t_, scaling]
+    t: Array  # (n_obs,)
+    tau: Array  # (n_obs,)
+    o: Array  # (n_obs,) int32
+    loss_last: Array  # () self.loss[-1]
+    loss_hist: Array  # (H,) self.loss, NaN padded
+    pars_hist: Array  # (5, H) self.pars, NaN padded
+    n_hist: Array  # () int32 entries used
+    steady_u: Array  # ()
+    u0_: Array  # () self.u0_ (rescaled with scaling like upstream)
+    ratio: Array  # () steady_state_ratio, NaN while unset
+
+
+class Static(NamedTuple):
+    """Per-gene quantities fixed after initialisation."""
+
+    u: Array
+    s: Array
+    w: obj.Subset  # weights
+    wu: obj.Subset  # weights_upper
+    std_u: Array
+    std_s: Array
+
+
+class GeneResult(NamedTuple):
+    """Everything ``recover_dynamics`` writes for one gene (before ``beta /= scaling``)."""
+
+    pars: Array  # (5,)
+    t: Array
+    tau: Array
+    tau_: Array
+    loss_hist: Array
+    pars_hist: Array
+    n_hist: Array
+    likelihood: Array
+    varx: Array
+    std_u: Array
+    std_s: Array
+    pval_steady: Array
+    steady_u: Array
+    steady_s: Array
+
+
+def _vars(p: Array) -> tuple[Array, Array, Array, Array, Array]:
+    """``(alpha, beta, gamma, scaling, t_)`` in the order of ``get_vars``."""
+    return p[ALPHA], p[BETA], p[GAMMA], p[SCALING], p[T_]
+
+
+def _overlay(state: EMState, idx: tuple[int, ...], x: Array) -> Array:
+    """Parameters passed explicitly replace the current ones; ``get_vars`` treats a passed
+    ``t_ == 0`` as unset (utils ~909)."""
+    p = state.pars.at[jnp.asarray(idx)].set(x.astype(state.pars.dtype))
+    return p.at[T_].set(jnp.where(p[T_] == 0, state.pars[T_], p[T_]))
+
+
+def _assign(st: Static, p: Array, mode: str | None, nbrs, cfg: FitConfig) -> Assignment:
+    alpha, beta, gamma, scaling, t_ = _vars(p)
+    return assign_timepoints(
+        st.u / scaling, st.s, alpha, beta, gamma, scaling, t_, st.std_u, st.std_s,
+        nbrs, mode, cfg.fit_steady_states,
+    )  # fmt: skip
+
+
+def _time(state: EMState, st: Static, p, mode, nbrs, cfg, refit: bool):
+    """``get_time_assignment``: re-assign (``refit_time``) or the stored ``(t, tau, o)``."""
+    if refit:
+        a = _assign(st, p, mode, nbrs, cfg)
+        return a.t, a.tau, a.o
+    return state.t, state.tau, state.o
+
+
+def _se(st: Static, t, p, ratio):
+    return obj.se(t, st.u, st.s, st.w, _vars(p), st.std_u, st.std_s, ratio)
+
+
+def _commit(state: EMState, ok, p, t, tau, o, loss) -> EMState:
+    """The ``if perform_update:`` block of ``update()`` (core ~365-378)."""
+    # core ~366: ``scaling`` is never None after get_vars, so this always runs.
+    factor = state.pars[SCALING] / p[SCALING]
+    h = state.n_hist
+    new = EMState(
+        pars=p,
+        t=t,
+        tau=tau,
+        o=o,
+        loss_last=loss,
+        loss_hist=state.loss_hist.at[h].set(loss),
+        pars_hist=state.pars_hist.at[:, h].set(p),
+        n_hist=h + 1,
+        steady_u=state.steady_u * factor,
+        u0_=state.u0_ * factor,
+        ratio=state.ratio,
+    )
+    return _select(ok, new, state)
+
+
+def _select(ok, a, b):
+    import jax
+
+    return jax.tree_util.tree_map(lambda x, y: jnp.where(ok, x, y), a, b)
+
+
+def update(
+    state: EMState,
+    st: Static,
+    p_new: Array,
+    nbrs,
+    cfg: FitConfig,
+    mode: str | None,
+    adjust_t_: bool = True,
+) -> EMState:
+    """``DynamicsRecovery.update`` (core ~311-378) with ``p_new`` already overlaid.
+
+    When the new parameters are rejected upstream recomputes the current assignment and
+    loss (core ~334-336); both are deterministic functions of the current parameters and
+    equal the stored ``(t, tau, o)`` and ``loss[-1]``, which are reused here.
+    """
+    refit = cfg.fit_time
+    loss_prev = state.loss_last
+    t, tau, o = _time(state, st, p_new, mode, nbrs, cfg, refit)
+    loss = _se(st, t, p_new, state.ratio)
+    perform = loss < loss_prev
+    if not adjust_t_:
+        return _commit(state, perform, p_new, t, tau, o, loss)
+
+    on = state.o == 1
+    p = jnp.where(perform, p_new, state.pars)
+    t = jnp.where(perform, t, state.t)
+    tau = jnp.where(perform, tau, state.tau)
+    o = jnp.where(perform, o, state.o)
+    loss = jnp.where(perform, loss, loss_prev)
+    alpha, beta, gamma, scaling, t_ = _vars(p)
+
+    alt_t_ = jnp.max(jnp.where(on, t, -jnp.inf))
+    try_alt = jnp.any(on) & (0 < alt_t_) & (alt_t_ < t_)
+    alt_t_ = alt_t_ + jnp.max(t) / cfg.n_obs * jnp.sum(t == t_)
+    # alt_t_ > 0 here, so get_vars keeps it
+    p_alt = p.at[T_].set(jnp.where(try_alt, alt_t_, t_))
+    alt_t, alt_tau, alt_o = _time(state, st, p_alt, mode, nbrs, cfg, refit)
+    alt_loss = _se(st, alt_t, p_alt, state.ratio)
+    ut_cur = unspliced(t_, 0, alpha, beta)
+    ut_alt = unspliced(p_alt[T_], 0, alpha, beta)
+    min_loss = jnp.minimum(loss, loss_prev)
+    take = try_alt & ((alt_loss * 0.99 <= min_loss) | (ut_cur * 0.99 < ut_alt))
+
+    p = jnp.where(take, p_alt, p)
+    t = jnp.where(take, alt_t, t)
+    tau = jnp.where(take, alt_tau, tau)
+    o = jnp.where(take, alt_o, o)
+    loss = jnp.where(take, alt_loss, loss)
+    return _commit(state, perform | take, p, t, tau, o, loss)
+
+
+def _nm_stage(
+    state: EMState,
+    st: Static,
+    idx: tuple[int, ...],
+    nbrs,
+    cfg: FitConfig,
+    mode: str | None,
+    tol: float | None,
+    refit_objective: bool = True,
+) -> EMState:
+    """One ``fit_*`` stage: Nelder-Mead on ``get_mse`` over the parameters ``idx``, then
+    ``update()`` with the result (core ~196-262)."""
+
+    def mse(x):
+        p = _overlay(state, idx, x)
+        t, _, _ = _time(state, st, p, mode, nbrs, cfg, refit_objective and cfg.fit_time)
+        return obj.mse(t, st.u, st.s, st.w, _vars(p), st.std_u, st.std_s, state.ratio)
+
+    x0 = state.pars[jnp.asarray(idx)]
+    tol_kw = {} if tol is None else {"xatol": tol, "fatol": tol}
+    res, _ = nelder_mead(mse, x0, maxiter=cfg.nm_maxiter, **tol_kw)
+    return update(state, st, _overlay(state, idx, res.x), nbrs, cfg, mode)
+
+
+def _initial_values(gd: GeneData, cfg: FitConfig, init_vals):
+    """``initialize_weights`` and the closed-form part of ``initialize`` (core ~31-100),
+    in the data dtype (float32 for ``scv.pp.moments`` layers, as upstream under NEP 50)."""
+    u, s = gd.u, gd.s
+    n = u.shape[0]
+    nonzero = (s > 0) & (u > 0)
+    # initialize_weights (utils ~705-725)
+    ub_s = np_percentile(*compact(s, nonzero), cfg.perc)
+    ub_u = np_percentile(*compact(u, nonzero), cfg.perc)
+    w = nonzero & jnp.where(ub_s > 0, s <= ub_s, True) & jnp.where(ub_u > 0, u <= ub_u, True)
+    u_w, nw = compact(u, w)
+    s_w, _ = compact(s, w)
+    valid = jnp.arange(n) < nw
+    u_max = jnp.max(jnp.where(valid, u_w, -jnp.inf))
+    s_max = jnp.max(jnp.where(valid, s_w, -jnp.inf))
+    w_upper = w & jnp.any(w) & (u > u_max / 3) & (s > s_max / 3)
+
+    std_u, std_s = np_std(u_w, nw), np_std(s_w, nw)
+    degenerate = (std_u == 0) | (std_s == 0)
+    std_u = jnp.where(degenerate, 1, std_u).astype(std_u.dtype)
+    std_s = jnp.where(degenerate, 1, std_s).astype(std_s.dtype)
+    if isinstance(cfg.fit_scaling, bool):
+        scaling = std_u / std_s if cfg.fit_scaling else jnp.ones((), u.dtype)
+    else:
+        scaling = jnp.asarray(cfg.fit_scaling, u.dtype)
+    u_ws = jnp.where(valid, u_w / scaling, 0)
+
+    perc = 98
+    weights_s = valid & (s_w >= np_percentile(s_w, nw, perc))
+    weights_u = valid & (u_ws >= np_percentile(u_ws, nw, perc))
+    prior_w, _ = compact(gd.prior, w)
+    weights_g = weights_s | (valid & prior_w.astype(bool))
+    cu, cs = weights_g * u_ws, weights_g * s_w
+    gamma = pairwise_sum(cs * cu, nw) / pairwise_sum(cs**2, nw) + 1e-6
+    gamma = jnp.where(
+        gamma < 0.05 / scaling, gamma * 1.2, jnp.where(gamma > 1.5 / scaling, gamma / 1.2, gamma)
+    )
+    u_inf = np_mean(*compact(u_ws, weights_u | weights_s))
+    s_inf = np_mean(*compact(s_w, weights_s))
+    beta = jnp.ones((), u.dtype)
+    alpha = u_inf * beta
+    if init_vals is not None:
+        iv = jnp.asarray(init_vals, jnp.float64)
+        alpha, beta, gamma = alpha * iv[0], beta * iv[1], gamma * iv[2]
+
+    _, pval_u, means_u, ok_u = test_bimodality(u_ws, nw)
+    _, pval_s, means_s, ok_s = test_bimodality(s_w, nw)
+    ok = ok_u & ok_s  # core ~75-82: one try block around both tests
+    pval_steady = jnp.where(ok, jnp.maximum(pval_u, pval_s), 1.0)
+    steady_u = jnp.where(ok, means_u[1], 0)
+    steady_s = jnp.where(ok, means_s[1], 0)
+
+    bimodal = pval_steady < 1e-3
+    u_inf_b = (u_inf + steady_u.astype(u_inf.dtype)) / 2
+    alpha_b = gamma * s_inf
+    beta_b = alpha_b / u_inf_b
+    u_inf = jnp.where(bimodal, u_inf_b, u_inf)
+    alpha = jnp.where(bimodal, alpha_b, alpha)
+    beta = jnp.where(bimodal, beta_b, beta)
+    t_ = tau_inv(u_inf, s_inf, 0, 0, alpha, beta, gamma)
+    f64 = jnp.float64
+    return dict(
+        w=w, w_upper=w_upper, std_u=std_u.astype(f64), std_s=std_s.astype(f64),
+        pars=jnp.stack([alpha, beta, gamma, t_, scaling]).astype(f64),
+        u0_=u_inf.astype(f64), pval_steady=pval_steady.astype(f64),
+        steady_u=steady_u.astype(f64), steady_s=steady_s.astype(f64),
+    )  # fmt: skip
+
+
+def fit_gene(gd: GeneData, nbrs: Neighbors | None, cfg: FitConfig, init_vals=None) -> GeneResult:
+    """Initialise and fit one gene exactly as ``DynamicsRecovery(...).fit(assignment_mode)``."""
+    iv = _initial_values(gd, cfg, init_vals)
+    f64 = jnp.float64
+    st = Static(
+        u=gd.u.astype(f64), s=gd.s.astype(f64), w=obj.make_subset(iv["w"]),
+        wu=obj.make_subset(iv["w_upper"]), std_u=iv["std_u"], std_s=iv["std_s"],
+    )  # fmt: skip
+    H = cfg.hist_len
+    pars = iv["pars"]
+    nan = jnp.asarray(jnp.nan, f64)
+    a = _assign(st, pars, None, nbrs, cfg)
+    loss0 = _se(st, a.t, pars, nan)
+    state = EMState(
+        pars=pars, t=a.t, tau=a.tau, o=a.o, loss_last=loss0,
+        loss_hist=jnp.full((H,), jnp.nan, f64).at[0].set(loss0),
+        pars_hist=jnp.full((5, H), jnp.nan, f64).at[:, 0].set(pars),
+        n_hist=jnp.asarray(1, jnp.int32), steady_u=iv["steady_u"], u0_=iv["u0_"], ratio=nan,
+    )  # fmt: skip
+
+    # initialize_scaling(sight=0.5), (sight=0.1) (core ~117-121)
+    if cfg.do_fit_scaling:
+        for sight in (0.5, 0.1):
+            sc0 = state.pars[SCALING]
+            for lin in linspace(-1.0, 1.0, 4):
+                z = sc0 + lin * sc0 * sight
+                beta = state.pars[BETA] / state.pars[SCALING] * z
+                p_new = state.pars.at[SCALING].set(z).at[BETA].set(beta)
+                state = update(state, st, p_new, nbrs, cfg, None)
+    state = state._replace(ratio=state.pars[GAMMA] / state.pars[BETA])
+
+    mode = cfg.assignment_mode
+    if cfg.max_iter > 0:
+        pre = mode if mode == "full_projection" else None
+        alpha0 = state.pars[ALPHA]
+        for lin in linspace(-1.0, 1.0, 5):  # fit_t_and_alpha, core ~202-204
+            state = update(state, st, state.pars.at[ALPHA].set(alpha0 + lin * alpha0 / 10), nbrs,
+                           cfg, pre)  # fmt: skip
+        state = _nm_stage(state, st, (T_, ALPHA), nbrs, cfg, pre, None)
+        if cfg.do_fit_scaling:
+            state = _nm_stage(state, st, (T_, BETA, SCALING), nbrs, cfg, pre, None)
+        state = _nm_stage(state, st, (ALPHA, GAMMA), nbrs, cfg, pre, 1e-2)
+        state = _nm_stage(state, st, (T_,), nbrs, cfg, pre, None)
+        state = _nm_stage(state, st, (T_, ALPHA, BETA, GAMMA), nbrs, cfg, pre, 1e-2)
+        state = update(state, st, state.pars, nbrs, cfg, mode, adjust_t_=False)
+        state = _nm_stage(state, st, (T_, ALPHA, BETA, GAMMA), nbrs, cfg, mode, 1e-2,
+                          refit_objective=False)  # fmt: skip
+    state = update(state, st, state.pars, nbrs, cfg, mode)
+
+    final = _assign(st, state.pars, mode, nbrs, cfg)  # get_divergence(mode="tau")
+    v = _vars(state.pars)
+    lik = obj.likelihood(state.t, st.u, st.s, st.wu, v, st.std_u, st.std_s, state.ratio, cfg.n_obs)
+    t_var, _, _ = _time(state, st, state.pars, mode, nbrs, cfg, cfg.fit_time)
+    varx = obj.variance(t_var, st.u, st.s, st.wu, v, st.std_u, st.std_s, state.ratio)
+    return GeneResult(
+        pars=state.pars, t=state.t, tau=final.tau_full, tau_=final.tau_full_,
+        loss_hist=state.loss_hist, pars_hist=state.pars_hist, n_hist=state.n_hist,
+        likelihood=lik, varx=varx, std_u=st.std_u, std_s=st.std_s,
+        pval_steady=iv["pval_steady"], steady_u=state.steady_u, steady_s=iv["steady_s"],
+    )  # fmt: skip

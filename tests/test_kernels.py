@@ -1,0 +1,180 @@
+"""Kernels against their upstream scVelo 0.3.4 functions (float64)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import sparse
+from scvelo.core import SplicingDynamics
+from scvelo.tools import _em_model_utils as up
+
+from jaxvelo.core import assign, kinetics
+from jaxvelo.core.batch import neighbors_from_csr
+
+rates = st.floats(0.05, 5.0).map(np.float64)
+
+
+def _cells(seed: int, n: int = 300):
+    rng = np.random.default_rng(seed)
+    u = rng.gamma(2.0, 0.5, n)
+    s = rng.gamma(2.0, 1.0, n)
+    u[rng.random(n) < 0.1] = 0
+    s[rng.random(n) < 0.1] = 0
+    return u, s
+
+
+@settings(max_examples=40, deadline=None)
+@given(alpha=rates, beta=rates, gamma=rates, u0=st.floats(0, 3), s0=st.floats(0, 3))
+def test_solution_matches_splicing_dynamics(alpha, beta, gamma, u0, s0):
+    t = np.linspace(0, 20, 57)
+    ref = SplicingDynamics(alpha=alpha, beta=beta, gamma=gamma, initial_state=[u0, s0])
+    ru, rs = ref.get_solution(t, stacked=False)
+    ju, js = kinetics.solution(jnp.asarray(t), alpha, beta, gamma, u0, s0)
+    np.testing.assert_allclose(np.asarray(ju), ru, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(np.asarray(js), rs, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(
+        np.asarray(kinetics.spliced(jnp.asarray(t), s0, u0, alpha, beta, gamma)),
+        up.spliced(t, s0, u0, alpha, beta, gamma),
+        rtol=1e-14,
+        atol=1e-14,
+    )
+
+
+def test_invert_nan_at_zero():
+    x = np.array([0.0, 2.0, -4.0])
+    np.testing.assert_array_equal(np.asarray(kinetics.invert(jnp.asarray(x))), [np.nan, 0.5, -0.25])
+
+
+@settings(max_examples=40, deadline=None)
+@given(alpha=rates, beta=rates, gamma=rates, seed=st.integers(0, 10_000))
+def test_tau_inv_both_branches(alpha, beta, gamma, seed):
+    u, s = _cells(seed)
+    ref = up.tau_inv(u, s, 0, 0, alpha, beta, gamma)
+    got = kinetics.tau_inv(jnp.asarray(u), jnp.asarray(s), 0, 0, alpha, beta, gamma)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-13, atol=1e-13)
+    u0_, s0_ = SplicingDynamics(alpha=alpha, beta=beta, gamma=gamma).get_solution(3.0, False)
+    ref_ = up.tau_inv(u, s, u0_, s0_, 0, beta, gamma)
+    got_ = kinetics.tau_inv(jnp.asarray(u), jnp.asarray(s), u0_, s0_, 0, beta, gamma)
+    np.testing.assert_allclose(np.asarray(got_), ref_, rtol=1e-13, atol=1e-13)
+
+
+@settings(max_examples=30, deadline=None)
+@given(alpha=rates, beta=rates, gamma=rates, t_=st.floats(0.5, 20), seed=st.integers(0, 99))
+def test_vectorize(alpha, beta, gamma, t_, seed):
+    t = np.random.default_rng(seed).uniform(0, 2 * t_, 200)
+    ref = up.vectorize(t, t_, alpha, beta, gamma)
+    got = kinetics.vectorize(jnp.asarray(t), t_, alpha, beta, gamma)
+    for r, g in zip(ref, got, strict=True):
+        np.testing.assert_allclose(np.asarray(g), r, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("num", [2, 4, 5, 200, 500, 739])
+@pytest.mark.parametrize("stop", [0.0, 1.0, 3.7, 12.345678901])
+def test_linspace_bitwise(num, stop):
+    np.testing.assert_array_equal(np.asarray(kinetics.linspace(0, stop, num)),
+                                  np.linspace(0, stop, num))  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(kinetics.linspace(-1.0, 1.0, num)),
+                                  np.linspace(-1, 1, num))  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", [None, "projection", "full_projection"])
+@pytest.mark.parametrize("seed", range(4))
+def test_assign_tau(mode, seed):
+    rng = np.random.default_rng(seed)
+    u, s = _cells(seed, 1200)
+    alpha, beta, gamma = rng.uniform(0.5, 3, 3)
+    t_ = rng.uniform(2, 10)
+    u0_, s0_ = SplicingDynamics(alpha=alpha, beta=beta, gamma=gamma).get_solution(t_, False)
+    ref = up.assign_tau(u, s, alpha, beta, gamma, t_, u0_, s0_, mode)
+    got = assign.assign_tau(jnp.asarray(u), jnp.asarray(s), alpha, beta, gamma, t_, u0_, s0_, mode)
+    np.testing.assert_allclose(np.asarray(got[0]), ref[0], rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(np.asarray(got[1]), ref[1], rtol=1e-13, atol=1e-13)
+
+
+def test_projection_grid_size():
+    assert assign._projection_grid_size(100) == 200
+    assert assign._projection_grid_size(1500) == 300
+    assert assign._projection_grid_size(3696) == 500
+
+
+def _random_conn(n: int, seed: int) -> sparse.csr_matrix:
+    rng = np.random.default_rng(seed)
+    A = sparse.random(n, n, density=8 / n, random_state=rng, format="csr") > 0
+    A = A.tolil()
+    A.setdiag(1)
+    A = A.tocsr()
+    A = A.multiply(1.0 / A.sum(1)).tocsr().astype(np.float32)
+    return A
+
+
+def test_smooth_matches_scipy_csr_dot():
+    conn = _random_conn(250, 0)
+    res = np.random.default_rng(1).random((4, 250))
+    nb = neighbors_from_csr(conn.indptr, conn.indices, conn.data)
+    got = assign.smooth(assign.Neighbors(*map(jnp.asarray, nb)), jnp.asarray(res))
+    np.testing.assert_array_equal(np.asarray(got), conn.dot(res.T).T)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 100_000), frac_on=st.floats(0, 1), n=st.integers(5, 400))
+def test_adjust_increments(seed, frac_on, n):
+    rng = np.random.default_rng(seed)
+    tau = np.round(rng.exponential(1.0, n) ** 2, 3)  # heavy tail -> big gaps, ties
+    tau_ = np.round(rng.exponential(1.0, n) ** 2, 3)
+    on = rng.random(n) < frac_on
+    off = ~on
+    exp_tau, exp_tau_ = tau.copy(), tau_.copy()
+    if on.any() and off.any():
+        exp_tau[on], exp_tau_[off] = up.adjust_increments(tau[on], tau_[off])
+    elif on.any():
+        exp_tau[on] = up.adjust_increments(tau[on])
+    else:
+        exp_tau_[off] = up.adjust_increments(tau_[off])
+    got, got_ = assign.adjust_increments(jnp.asarray(tau), jnp.asarray(on), jnp.asarray(tau_),
+                                         jnp.asarray(off))  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(got), exp_tau)
+    np.testing.assert_array_equal(np.asarray(got_), exp_tau_)
+
+
+@pytest.mark.parametrize("mode", [None, "projection", "full_projection"])
+@pytest.mark.parametrize("connected", [False, True])
+@pytest.mark.parametrize("steady", [True, False])
+def test_assign_timepoints_matches_compute_divergence(mode, connected, steady):
+    n = 600
+    u, s = _cells(7, n)
+    alpha, beta, gamma, scaling, t_ = 2.0, 0.8, 1.3, 1.4, 6.0
+    std_u, std_s = 0.7, 1.1
+    conn = _random_conn(n, 3) if connected else None
+    ref_t, ref_tau, ref_o = up.compute_divergence(
+        u / scaling, s, alpha, beta, gamma, scaling, t_=t_, std_u=std_u, std_s=std_s,
+        mode="assign_timepoints", assignment_mode=mode, connectivities=conn,
+        fit_steady_states=steady,
+    )  # fmt: skip
+    nb = None
+    if connected:
+        nb = neighbors_from_csr(conn.indptr, conn.indices, conn.data)
+        nb = assign.Neighbors(*map(jnp.asarray, nb))
+    got = assign.assign_timepoints(jnp.asarray(u) / scaling, jnp.asarray(s), alpha, beta, gamma,
+                                   scaling, t_, std_u, std_s, nb, mode, steady)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(got.o), ref_o)
+    np.testing.assert_allclose(np.asarray(got.t), ref_t, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(got.tau), ref_tau, rtol=1e-12, atol=1e-12)
+
+
+def test_assign_timepoints_vmap_equals_loop():
+    n = 300
+    u, s = _cells(11, n)
+    pars = np.array([[2.0, 0.8, 1.3, 1.4, 6.0], [1.0, 1.5, 0.4, 0.9, 3.0], [0.5, 0.3, 0.2, 1.0, 9.0]])
+
+    def one(p):
+        return assign.assign_timepoints(jnp.asarray(u) / p[3], jnp.asarray(s), p[0], p[1], p[2],
+                                        p[3], p[4], 0.7, 1.1, None, "projection").t  # fmt: skip
+
+    batched = jax.jit(jax.vmap(one))(jnp.asarray(pars))
+    single = jax.jit(one)
+    for i, p in enumerate(pars):
+        np.testing.assert_array_equal(np.asarray(batched[i]), np.asarray(single(jnp.asarray(p))))
