@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from .kinetics import linspace, solution, tau_inv
-from .numerics import np_percentile_masked
+from .numerics import fma_barrier, np_percentile_masked
 
 
 class Neighbors(NamedTuple):
@@ -26,7 +26,6 @@ class Neighbors(NamedTuple):
 
     idx: Array  # (n_obs, K) int32
     val: Array  # (n_obs, K) float32, as upstream casts the connectivities
-    zero: Array  # () int64 runtime zero, see :func:`smooth`
 
 
 def smooth(nbrs: Neighbors | None, res: Array) -> Array:
@@ -42,23 +41,11 @@ def smooth(nbrs: Neighbors | None, res: Array) -> Array:
     K = nbrs.idx.shape[1]
 
     def body(k, acc):
-        prod = val[:, k] * res[:, nbrs.idx[:, k]]
-        return acc + _rounded(prod, nbrs.zero)
+        # XLA's CPU backend would contract ``acc + a * x`` into one fused multiply-add
+        # (one rounding where scipy rounds twice); the barrier keeps scipy's rounding.
+        return acc + fma_barrier(val[:, k] * res[:, nbrs.idx[:, k]])
 
     return jax.lax.fori_loop(0, K, body, jnp.zeros_like(res))
-
-
-def _rounded(x: Array, zero: Array) -> Array:
-    """``x`` unchanged, but opaque to the compiler.
-
-    XLA's CPU backend contracts ``acc + a * x`` into a fused multiply-add (one rounding
-    where scipy's ``y += a * x`` rounds twice). OR-ing the bits with a zero that is only
-    known at run time stops the contraction and keeps scipy's result bit for bit.
-    """
-    if x.dtype != jnp.float64:
-        return x
-    bits = jax.lax.bitcast_convert_type(x, jnp.int64) | zero
-    return jax.lax.bitcast_convert_type(bits, jnp.float64)
 
 
 def _projection_grid_size(n_obs: int) -> int:

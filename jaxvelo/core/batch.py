@@ -36,7 +36,7 @@ def neighbors_from_csr(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray
     pos = np.arange(K)[None, :] < deg[:, None]
     idx[pos] = indices
     val[pos] = data
-    return Neighbors(idx=idx, val=val, zero=np.zeros((), np.int64))
+    return Neighbors(idx=idx, val=val)
 
 
 def fit_genes(

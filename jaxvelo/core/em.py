@@ -97,6 +97,10 @@ class EMState(NamedTuple):
     steady_u: Array  # ()
     u0_: Array  # () self.u0_ (rescaled with scaling like upstream)
     ratio: Array  # () steady_state_ratio, NaN while unset
+    f32: Array  # (5,) bool: the parameter is a numpy float32 upstream (PARITY.md)
+    beta_int: Array  # () bool: beta is still the Python int 1 (core ~58)
+    t32: Array  # () bool: t came from an all-float32 time assignment
+    ratio32: Array  # () bool: steady_state_ratio is float32
 
 
 class Static(NamedTuple):
@@ -129,6 +133,17 @@ class GeneResult(NamedTuple):
     steady_s: Array
 
 
+def r32(x: Array, flag: Array) -> Array:
+    """``x`` rounded to float32 where ``flag``: one numpy float32 operation emulated in
+    float64 (exact for + - * / since 53 >= 2 * 24 + 2, so double rounding is innocuous)."""
+    return jnp.where(flag, x.astype(jnp.float32).astype(x.dtype), x)
+
+
+def _c32(state: EMState, i: int) -> Array:
+    """Operand ``i`` keeps a float32 operation float32 (float32, or beta as Python int)."""
+    return state.f32[i] | (state.beta_int if i == BETA else False)
+
+
 def _vars(p: Array) -> tuple[Array, Array, Array, Array, Array]:
     """``(alpha, beta, gamma, scaling, t_)`` in the order of ``get_vars``."""
     return p[ALPHA], p[BETA], p[GAMMA], p[SCALING], p[T_]
@@ -157,14 +172,19 @@ def _time(state: EMState, st: Static, p, mode, nbrs, cfg, refit: bool):
     return state.t, state.tau, state.o
 
 
-def _se(st: Static, t, p, ratio):
-    return obj.se(t, st.u, st.s, st.w, _vars(p), st.std_u, st.std_s, ratio)
+def _flags(f32, beta_int, t32, ratio32) -> obj.Flags:
+    return obj.Flags(alpha=f32[ALPHA], beta=f32[BETA] | beta_int, gamma=f32[GAMMA],
+                     t_=f32[T_], scaling=f32[SCALING], t=t32, ratio=ratio32)  # fmt: skip
 
 
-def _commit(state: EMState, ok, p, t, tau, o, loss) -> EMState:
+def _se(st: Static, t, p, ratio, fl: obj.Flags = obj.Flags()):
+    return obj.se(t, st.u, st.s, st.w, _vars(p), st.std_u, st.std_s, ratio, fl)
+
+
+def _commit(state: EMState, ok, p, t, tau, o, loss, f32, beta_int, t32) -> EMState:
     """The ``if perform_update:`` block of ``update()`` (core ~365-378)."""
     # core ~366: ``scaling`` is never None after get_vars, so this always runs.
-    factor = state.pars[SCALING] / p[SCALING]
+    factor = r32(state.pars[SCALING] / p[SCALING], state.f32[SCALING] & f32[SCALING])
     h = state.n_hist
     new = EMState(
         pars=p,
@@ -178,6 +198,10 @@ def _commit(state: EMState, ok, p, t, tau, o, loss) -> EMState:
         steady_u=state.steady_u * factor,
         u0_=state.u0_ * factor,
         ratio=state.ratio,
+        f32=f32,
+        beta_int=beta_int,
+        t32=t32,
+        ratio32=state.ratio32,
     )
     return _select(ok, new, state)
 
@@ -188,6 +212,14 @@ def _select(ok, a, b):
     return jax.tree_util.tree_map(lambda x, y: jnp.where(ok, x, y), a, b)
 
 
+def _unspliced_c32(state: EMState, t_, t32, alpha, beta) -> Array:
+    """``unspliced(t_, 0, alpha, beta)`` on numpy scalars: float32 arithmetic when all of
+    ``t_``, ``alpha`` and ``beta`` are float32 (NEP 50 keeps scalar ops in float32)."""
+    a32, b32 = _c32(state, ALPHA), _c32(state, BETA)
+    expu = r32(jnp.exp(r32(-beta * t_, b32 & t32)), b32 & t32)
+    return r32(r32(alpha / beta, a32 & b32) * r32(1 - expu, b32 & t32), a32 & b32 & t32)
+
+
 def update(
     state: EMState,
     st: Static,
@@ -196,20 +228,26 @@ def update(
     cfg: FitConfig,
     mode: str | None,
     adjust_t_: bool = True,
+    f32_new: Array | None = None,
+    beta_int_new: Array | None = None,
 ) -> EMState:
     """``DynamicsRecovery.update`` (core ~311-378) with ``p_new`` already overlaid.
 
-    When the new parameters are rejected upstream recomputes the current assignment and
-    loss (core ~334-336); both are deterministic functions of the current parameters and
-    equal the stored ``(t, tau, o)`` and ``loss[-1]``, which are reused here.
+    ``f32_new``/``beta_int_new`` are the numpy dtypes of the proposed parameters (default:
+    the current ones). When the new parameters are rejected upstream recomputes the current
+    assignment and loss (core ~334-336); both are deterministic functions of the current
+    parameters and equal the stored ``(t, tau, o)`` and ``loss[-1]``, which are reused.
     """
+    f32_new = state.f32 if f32_new is None else f32_new
+    beta_int_new = state.beta_int if beta_int_new is None else beta_int_new
+    no = jnp.asarray(False)
     refit = cfg.fit_time
     loss_prev = state.loss_last
     t, tau, o = _time(state, st, p_new, mode, nbrs, cfg, refit)
-    loss = _se(st, t, p_new, state.ratio)
+    loss = _se(st, t, p_new, state.ratio, _flags(f32_new, beta_int_new, no, state.ratio32))
     perform = loss < loss_prev
     if not adjust_t_:
-        return _commit(state, perform, p_new, t, tau, o, loss)
+        return _commit(state, perform, p_new, t, tau, o, loss, f32_new, beta_int_new, no)
 
     on = state.o == 1
     p = jnp.where(perform, p_new, state.pars)
@@ -217,16 +255,22 @@ def update(
     tau = jnp.where(perform, tau, state.tau)
     o = jnp.where(perform, o, state.o)
     loss = jnp.where(perform, loss, loss_prev)
+    f32 = jnp.where(perform, f32_new, state.f32)
+    beta_int = jnp.where(perform, beta_int_new, state.beta_int)
+    t32 = jnp.where(perform, no, state.t32)
     alpha, beta, gamma, scaling, t_ = _vars(p)
 
     alt_t_ = jnp.max(jnp.where(on, t, -jnp.inf))
     try_alt = jnp.any(on) & (0 < alt_t_) & (alt_t_ < t_)
-    alt_t_ = alt_t_ + jnp.max(t) / cfg.n_obs * jnp.sum(t == t_)
+    # core ~342: np.max(t) / len(t) is float32 for a float32 t; * np.sum(...) -> float64
+    alt_t_ = alt_t_ + r32(jnp.max(t) / cfg.n_obs, t32) * jnp.sum(t == t_)
     # alt_t_ > 0 here, so get_vars keeps it
     p_alt = p.at[T_].set(jnp.where(try_alt, alt_t_, t_))
     alt_t, alt_tau, alt_o = _time(state, st, p_alt, mode, nbrs, cfg, refit)
-    alt_loss = _se(st, alt_t, p_alt, state.ratio)
-    ut_cur = unspliced(t_, 0, alpha, beta)
+    alt_fl = _flags(f32.at[T_].set(False), beta_int, no, state.ratio32)
+    alt_loss = _se(st, alt_t, p_alt, state.ratio, alt_fl)
+    flags = state._replace(f32=f32, beta_int=beta_int)
+    ut_cur = _unspliced_c32(flags, t_, f32[T_], alpha, beta)
     ut_alt = unspliced(p_alt[T_], 0, alpha, beta)
     min_loss = jnp.minimum(loss, loss_prev)
     take = try_alt & ((alt_loss * 0.99 <= min_loss) | (ut_cur * 0.99 < ut_alt))
@@ -236,7 +280,9 @@ def update(
     tau = jnp.where(take, alt_tau, tau)
     o = jnp.where(take, alt_o, o)
     loss = jnp.where(take, alt_loss, loss)
-    return _commit(state, perform | take, p, t, tau, o, loss)
+    f32 = jnp.where(take, f32.at[T_].set(False), f32)
+    t32 = jnp.where(take, no, t32)
+    return _commit(state, perform | take, p, t, tau, o, loss, f32, beta_int, t32)
 
 
 def _nm_stage(
@@ -252,15 +298,24 @@ def _nm_stage(
     """One ``fit_*`` stage: Nelder-Mead on ``get_mse`` over the parameters ``idx``, then
     ``update()`` with the result (core ~196-262)."""
 
+    x0 = state.pars[jnp.asarray(idx)]
+    # np.array([...]) of numpy float32 scalars is float32; a Python int (beta) or any
+    # float64 makes it float64, and scipy keeps x0's dtype for the simplex (PARITY.md).
+    x32 = jnp.all(state.f32[jnp.asarray(idx)])
+    refit = refit_objective and cfg.fit_time
+    f32_x = state.f32.at[jnp.asarray(idx)].set(x32)
+    beta_int_x = state.beta_int & (BETA not in idx)
+    fl = _flags(f32_x, beta_int_x, jnp.asarray(False) if refit else state.t32, state.ratio32)
+
     def mse(x):
         p = _overlay(state, idx, x)
-        t, _, _ = _time(state, st, p, mode, nbrs, cfg, refit_objective and cfg.fit_time)
-        return obj.mse(t, st.u, st.s, st.w, _vars(p), st.std_u, st.std_s, state.ratio)
+        t, _, _ = _time(state, st, p, mode, nbrs, cfg, refit)
+        return obj.mse(t, st.u, st.s, st.w, _vars(p), st.std_u, st.std_s, state.ratio, fl)
 
-    x0 = state.pars[jnp.asarray(idx)]
     tol_kw = {} if tol is None else {"xatol": tol, "fatol": tol}
-    res, _ = nelder_mead(mse, x0, maxiter=cfg.nm_maxiter, **tol_kw)
-    return update(state, st, _overlay(state, idx, res.x), nbrs, cfg, mode)
+    res, _ = nelder_mead(mse, x0, maxiter=cfg.nm_maxiter, round32=x32, **tol_kw)
+    return update(state, st, _overlay(state, idx, res.x), nbrs, cfg, mode,
+                  f32_new=f32_x, beta_int_new=beta_int_x)  # fmt: skip
 
 
 def _initial_values(gd: GeneData, cfg: FitConfig, init_vals):
@@ -325,8 +380,13 @@ def _initial_values(gd: GeneData, cfg: FitConfig, init_vals):
     t_ = tau_inv(u_inf, s_inf, 0, 0, alpha, beta, gamma)
     f64 = jnp.float64
     return dict(
+        native=(alpha, beta, gamma, t_, scaling, std_u, std_s), bimodal=bimodal,
         w=w, w_upper=w_upper, std_u=std_u.astype(f64), std_s=std_s.astype(f64),
-        pars=jnp.stack([alpha, beta, gamma, t_, scaling]).astype(f64),
+        # a float ``fit_scaling`` is a Python float: weak in ``u / scaling`` (float32
+        # arithmetic) but stored exactly in ``pars`` (core ~45)
+        pars=jnp.stack([alpha.astype(f64), beta.astype(f64), gamma.astype(f64), t_.astype(f64),
+                        scaling.astype(f64) if isinstance(cfg.fit_scaling, bool)
+                        else jnp.asarray(float(cfg.fit_scaling), f64)]),  # fmt: skip
         u0_=u_inf.astype(f64), pval_steady=pval_steady.astype(f64),
         steady_u=steady_u.astype(f64), steady_s=steady_s.astype(f64),
     )  # fmt: skip
@@ -343,13 +403,25 @@ def fit_gene(gd: GeneData, nbrs: Neighbors | None, cfg: FitConfig, init_vals=Non
     H = cfg.hist_len
     pars = iv["pars"]
     nan = jnp.asarray(jnp.nan, f64)
-    a = _assign(st, pars, None, nbrs, cfg)
-    loss0 = _se(st, a.t, pars, nan)
+    # The first time assignment runs in the data dtype: all float32 for float32 moments
+    # (PARITY.md, docs/upstream_precision.md section 1).
+    alpha, beta, gamma, t_, scaling, std_u, std_s = iv["native"]
+    a = assign_timepoints(gd.u / scaling, gd.s, alpha, beta, gamma, scaling, t_, std_u, std_s,
+                          nbrs, None, cfg.fit_steady_states)  # fmt: skip
+    a = Assignment(*(x.astype(f64) if x.dtype != jnp.int32 else x for x in a))
+    is32 = gd.u.dtype == jnp.float32 and init_vals is None
+    data32 = jnp.asarray(gd.u.dtype == jnp.float32)
+    fit_sc32 = is32 and isinstance(cfg.fit_scaling, bool) and bool(cfg.fit_scaling)
+    f32 = jnp.stack([jnp.asarray(is32), iv["bimodal"] & is32, jnp.asarray(is32),
+                     jnp.asarray(is32), jnp.asarray(fit_sc32)])  # fmt: skip
+    beta_int = jnp.asarray(init_vals is None) & ~iv["bimodal"]
+    loss0 = _se(st, a.t, pars, nan, _flags(f32, beta_int, data32, jnp.asarray(False)))
     state = EMState(
         pars=pars, t=a.t, tau=a.tau, o=a.o, loss_last=loss0,
         loss_hist=jnp.full((H,), jnp.nan, f64).at[0].set(loss0),
         pars_hist=jnp.full((5, H), jnp.nan, f64).at[:, 0].set(pars),
         n_hist=jnp.asarray(1, jnp.int32), steady_u=iv["steady_u"], u0_=iv["u0_"], ratio=nan,
+        f32=f32, beta_int=beta_int, t32=data32, ratio32=jnp.asarray(False),
     )  # fmt: skip
 
     # initialize_scaling(sight=0.5), (sight=0.1) (core ~117-121)
@@ -357,19 +429,24 @@ def fit_gene(gd: GeneData, nbrs: Neighbors | None, cfg: FitConfig, init_vals=Non
         for sight in (0.5, 0.1):
             sc0 = state.pars[SCALING]
             for lin in linspace(-1.0, 1.0, 4):
-                z = sc0 + lin * sc0 * sight
-                beta = state.pars[BETA] / state.pars[SCALING] * z
+                z = sc0 + lin * sc0 * sight  # float64 (np.linspace)
+                ratio32 = _c32(state, BETA) & state.f32[SCALING]
+                beta = r32(state.pars[BETA] / state.pars[SCALING], ratio32) * z
                 p_new = state.pars.at[SCALING].set(z).at[BETA].set(beta)
-                state = update(state, st, p_new, nbrs, cfg, None)
-    state = state._replace(ratio=state.pars[GAMMA] / state.pars[BETA])
+                f32_new = state.f32.at[SCALING].set(False).at[BETA].set(False)
+                state = update(state, st, p_new, nbrs, cfg, None, f32_new=f32_new,
+                               beta_int_new=jnp.asarray(False))  # fmt: skip
+    ratio32 = _c32(state, GAMMA) & _c32(state, BETA)
+    state = state._replace(ratio=r32(state.pars[GAMMA] / state.pars[BETA], ratio32),
+                           ratio32=ratio32)  # fmt: skip
 
     mode = cfg.assignment_mode
     if cfg.max_iter > 0:
         pre = mode if mode == "full_projection" else None
         alpha0 = state.pars[ALPHA]
-        for lin in linspace(-1.0, 1.0, 5):  # fit_t_and_alpha, core ~202-204
+        for lin in linspace(-1.0, 1.0, 5):  # fit_t_and_alpha, core ~202-204 (float64)
             state = update(state, st, state.pars.at[ALPHA].set(alpha0 + lin * alpha0 / 10), nbrs,
-                           cfg, pre)  # fmt: skip
+                           cfg, pre, f32_new=state.f32.at[ALPHA].set(False))  # fmt: skip
         state = _nm_stage(state, st, (T_, ALPHA), nbrs, cfg, pre, None)
         if cfg.do_fit_scaling:
             state = _nm_stage(state, st, (T_, BETA, SCALING), nbrs, cfg, pre, None)
@@ -383,9 +460,12 @@ def fit_gene(gd: GeneData, nbrs: Neighbors | None, cfg: FitConfig, init_vals=Non
 
     final = _assign(st, state.pars, mode, nbrs, cfg)  # get_divergence(mode="tau")
     v = _vars(state.pars)
-    lik = obj.likelihood(state.t, st.u, st.s, st.wu, v, st.std_u, st.std_s, state.ratio, cfg.n_obs)
+    fl = _flags(state.f32, state.beta_int, state.t32, state.ratio32)
+    lik = obj.likelihood(state.t, st.u, st.s, st.wu, v, st.std_u, st.std_s, state.ratio, cfg.n_obs,
+                         fl)  # fmt: skip
     t_var, _, _ = _time(state, st, state.pars, mode, nbrs, cfg, cfg.fit_time)
-    varx = obj.variance(t_var, st.u, st.s, st.wu, v, st.std_u, st.std_s, state.ratio)
+    fl_var = fl._replace(t=state.t32 & (not cfg.fit_time))
+    varx = obj.variance(t_var, st.u, st.s, st.wu, v, st.std_u, st.std_s, state.ratio, fl_var)
     return GeneResult(
         pars=state.pars, t=state.t, tau=final.tau_full, tau_=final.tau_full_,
         loss_hist=state.loss_hist, pars_hist=state.pars_hist, n_hist=state.n_hist,

@@ -14,8 +14,8 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from jax import Array
 
-from .kinetics import solution, vectorize
-from .numerics import pairwise_sum
+from .numerics import fma_barrier as fb
+from .numerics import pairwise_sum, true_divide
 
 
 class Subset(NamedTuple):
@@ -31,6 +31,50 @@ def make_subset(mask: Array) -> Subset:
     return Subset(idx=idx, n=jnp.sum(mask).astype(jnp.int32))
 
 
+class Flags(NamedTuple):
+    """Which inputs are numpy float32 upstream (see docs/upstream_precision.md).
+
+    ``beta`` is also set while beta is the Python int 1 (int op float32 stays float32).
+    Operations between float32 scalars (and float32 arrays with float32 scalars) are
+    float32 in NumPy 2; the objective's arrays are float64 otherwise (``vectorize`` builds
+    an int64 mask).
+    """
+
+    alpha: Array | bool = False
+    beta: Array | bool = False
+    gamma: Array | bool = False
+    t_: Array | bool = False
+    scaling: Array | bool = False
+    t: Array | bool = False  # the time array came from a float32 assignment
+    ratio: Array | bool = False  # steady_state_ratio is float32
+
+
+def r32(x: Array, flag) -> Array:
+    """``x`` rounded to float32 where ``flag`` (one float32 operation, emulated)."""
+    return jnp.where(flag, x.astype(jnp.float32).astype(x.dtype), x)
+
+
+def switch_state(t_, alpha, beta, gamma, fl: Flags) -> tuple[Array, Array]:
+    """``unspliced(t_, 0, alpha, beta)`` and ``spliced(t_, 0, 0, alpha, beta, gamma)`` on
+    numpy scalars, in float32 where the operands are (``vectorize``, utils ~458-459)."""
+    bt = fl.beta & fl.t_
+    gt = fl.gamma & fl.t_
+    expu = r32(jnp.exp(r32(-beta * t_, bt)), bt)
+    exps = r32(jnp.exp(r32(-gamma * t_, gt)), gt)
+    ab = fl.alpha & fl.beta
+    u0_ = r32(r32(alpha / beta, ab) * r32(1 - expu, bt), ab & bt)
+    gb = fl.gamma & fl.beta
+    inv = r32(1 / r32(gamma - beta, gb), gb)
+    inv = jnp.where(gamma - beta != 0, inv, jnp.nan)
+    c = r32(alpha * inv, fl.alpha & gb)
+    ag = fl.alpha & fl.gamma
+    term1 = r32(r32(alpha / gamma, ag) * r32(1 - exps, gt), ag & gt)
+    all32 = fl.alpha & fl.beta & fl.gamma & fl.t_
+    term2 = r32(c * r32(exps - expu, bt & gt), all32)
+    s0_ = r32(term1 + term2, all32)
+    return u0_, s0_
+
+
 def dists(
     t: Array,
     u: Array,
@@ -43,19 +87,41 @@ def dists(
     std_u: Array,
     std_s: Array,
     ratio: Array,
+    fl: Flags = Flags(),
 ) -> tuple[Array, Array, Array]:
     """``BaseDynamics.get_dists`` on already selected cells: ``(udiff, sdiff, reg)``.
 
     ``u`` is the raw (unscaled) unspliced abundance, divided by ``scaling`` here as in
     ``get_reads``. ``ratio`` is ``steady_state_ratio``; pass NaN while it is unset
-    (``reg = 0`` until ``initialize`` sets it, utils ~817-819).
+    (``reg = 0`` until ``initialize`` sets it, utils ~817-819). ``fl`` says which inputs
+    upstream holds as float32; the float32 operations are emulated by rounding.
     """
-    uu = u / scaling
-    tau, alpha_v, u0, s0 = vectorize(t, t_, alpha, beta, gamma)
-    ut, st = solution(tau, alpha_v, beta, gamma, u0, s0)
-    udiff = (ut - uu) / std_u * scaling
-    sdiff = (st - s) / std_s
-    reg = jnp.where(jnp.isnan(ratio), 0, (gamma / beta - ratio) * s / std_s)
+    # fb() keeps XLA from fusing a product into the following addition (FMA) and
+    # true_divide from turning a division by a per-gene scalar into a multiplication,
+    # so that float64 results equal numpy's bit for bit.
+    uu = r32(true_divide(u, scaling), fl.scaling)
+    # vectorize (utils ~450-466) with its int64 mask: arrays become float64
+    o = (t < t_).astype(jnp.int32)
+    tau = fb(t * o) + fb(r32(t - t_, fl.t & fl.t_) * (1 - o))
+    u0_, s0_ = switch_state(t_, alpha, beta, gamma, fl)
+    u0 = u0_ * (1 - o)
+    s0 = s0_ * (1 - o)
+    alpha_v = alpha * o
+    # SplicingDynamics.get_solution on arrays; only invert(gamma - beta) is scalar
+    expu = jnp.exp(-beta * tau)
+    exps = jnp.exp(-gamma * tau)
+    ut = fb(u0 * expu) + fb(true_divide(alpha_v, beta) * (1 - expu))
+    gb = fl.gamma & fl.beta
+    inv = r32(1 / r32(gamma - beta, gb), gb)
+    inv = jnp.where(gamma - beta != 0, inv, jnp.nan)
+    c = (alpha_v - fb(u0 * beta)) * inv
+    st = fb(s0 * exps) + fb(true_divide(alpha_v, gamma) * (1 - exps)) + fb(c * (exps - expu))
+    udiff = true_divide(ut - uu, std_u) * scaling
+    sdiff = true_divide(st - s, std_s)
+    r = fl.gamma & fl.beta & fl.ratio
+    reg = r32(r32(r32(gamma / beta, gb) - ratio, r) * s, r)
+    reg = r32(reg / std_s, r)
+    reg = jnp.where(jnp.isnan(ratio), 0, reg)
     return udiff, sdiff, reg
 
 
@@ -63,29 +129,33 @@ def _gathered(sub: Subset, *arrays: Array) -> list[Array]:
     return [a[sub.idx] for a in arrays]
 
 
-def se(t, u, s, sub: Subset, pars, std_u, std_s, ratio) -> Array:
+def se(t, u, s, sub: Subset, pars, std_u, std_s, ratio, fl: Flags = Flags()) -> Array:
     """``get_se``: ``np.sum(udiff**2 + sdiff**2 + reg**2)`` over the weighted cells.
 
     ``pars = (alpha, beta, gamma, scaling, t_)``.
     """
     alpha, beta, gamma, scaling, t_ = pars
     tw, uw, sw = _gathered(sub, t, u, s)
-    udiff, sdiff, reg = dists(tw, uw, sw, alpha, beta, gamma, scaling, t_, std_u, std_s, ratio)
-    distx = udiff**2 + sdiff**2
-    distx = distx + reg**2
+    udiff, sdiff, reg = dists(tw, uw, sw, alpha, beta, gamma, scaling, t_, std_u, std_s, ratio,
+                              fl)  # fmt: skip
+    r = fl.gamma & fl.beta & fl.ratio
+    distx = fb(udiff**2) + fb(sdiff**2)
+    distx = distx + fb(r32(reg**2, r))
     return pairwise_sum(distx, sub.n)
 
 
-def mse(t, u, s, sub: Subset, pars, std_u, std_s, ratio) -> Array:
+def mse(t, u, s, sub: Subset, pars, std_u, std_s, ratio, fl: Flags = Flags()) -> Array:
     """``get_mse``: the mean of :func:`se`'s terms (``np.mean`` = pairwise sum / count)."""
-    return se(t, u, s, sub, pars, std_u, std_s, ratio) / sub.n
+    return true_divide(se(t, u, s, sub, pars, std_u, std_s, ratio, fl), sub.n)
 
 
 def _masked_mean(x: Array, n: Array) -> Array:
-    return pairwise_sum(x, n) / n
+    return true_divide(pairwise_sum(x, n), n)
 
 
-def loglikelihood(t, u, s, sub: Subset, pars, std_u, std_s, ratio, n_obs: int) -> Array:
+def loglikelihood(
+    t, u, s, sub: Subset, pars, std_u, std_s, ratio, n_obs: int, fl: Flags = Flags()
+) -> Array:
     """``get_loglikelihood(weighted="upper")`` with ``noise_model="normal"`` (utils ~1110-1135).
 
     ``n = clip(len(distx) - len(self.u) * 0.01, 2, None)``; ``varx += varx == 0``; the
@@ -93,8 +163,9 @@ def loglikelihood(t, u, s, sub: Subset, pars, std_u, std_s, ratio, n_obs: int) -
     """
     alpha, beta, gamma, scaling, t_ = pars
     tw, uw, sw = _gathered(sub, t, u, s)
-    udiff, sdiff, reg = dists(tw, uw, sw, alpha, beta, gamma, scaling, t_, std_u, std_s, ratio)
-    distx = udiff**2 + sdiff**2 + reg**2
+    udiff, sdiff, reg = dists(tw, uw, sw, alpha, beta, gamma, scaling, t_, std_u, std_s, ratio,
+                              fl)  # fmt: skip
+    distx = fb(udiff**2) + fb(sdiff**2) + fb(r32(reg**2, fl.gamma & fl.beta & fl.ratio))
     eucl_distx = jnp.sqrt(distx)
     n = jnp.clip(sub.n - n_obs * 0.01, 2, None)
     valid = jnp.arange(distx.shape[0]) < sub.n
@@ -106,18 +177,20 @@ def loglikelihood(t, u, s, sub: Subset, pars, std_u, std_s, ratio, n_obs: int) -
     return loglik
 
 
-def likelihood(t, u, s, sub: Subset, pars, std_u, std_s, ratio, n_obs: int) -> Array:
+def likelihood(
+    t, u, s, sub: Subset, pars, std_u, std_s, ratio, n_obs: int, fl: Flags = Flags()
+) -> Array:
     """``get_likelihood``: ``exp(get_loglikelihood(weighted="upper"))``."""
-    return jnp.exp(loglikelihood(t, u, s, sub, pars, std_u, std_s, ratio, n_obs))
+    return jnp.exp(loglikelihood(t, u, s, sub, pars, std_u, std_s, ratio, n_obs, fl))
 
 
-def variance(t, u, s, sub: Subset, pars, std_u, std_s, ratio) -> Array:
+def variance(t, u, s, sub: Subset, pars, std_u, std_s, ratio, fl: Flags = Flags()) -> Array:
     """``get_variance(weighted="upper")``: ``mean(distx) - mean(sign(sdiff) sqrt(distx))**2``
     with ``distx`` *without* the regularisation term (utils ~1177)."""
     alpha, beta, gamma, scaling, t_ = pars
     tw, uw, sw = _gathered(sub, t, u, s)
-    udiff, sdiff, _ = dists(tw, uw, sw, alpha, beta, gamma, scaling, t_, std_u, std_s, ratio)
-    distx = udiff**2 + sdiff**2
+    udiff, sdiff, _ = dists(tw, uw, sw, alpha, beta, gamma, scaling, t_, std_u, std_s, ratio, fl)
+    distx = fb(udiff**2) + fb(sdiff**2)
     valid = jnp.arange(distx.shape[0]) < sub.n
     signed = jnp.where(valid, jnp.sign(sdiff) * jnp.sqrt(distx), 0)
     return _masked_mean(distx, sub.n) - _masked_mean(signed, sub.n) ** 2

@@ -1,0 +1,1 @@
+"""Numerical core of jaxvelo: imports jax and numpy only, never AnnData."""
