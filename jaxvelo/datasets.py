@@ -36,6 +36,7 @@ __all__ = [
     "scvelo_fixture",
     "shared_data_path",
     "pancreas",
+    "preprocess",
     "fixture",
     "simulated",
 ]
@@ -244,6 +245,12 @@ def _preprocess(adata: AnnData, min_shared_counts: int) -> AnnData:
     sc.pp.log1p(adata)
     scv.pp.moments(adata, n_pcs=30, n_neighbors=30)
     return adata
+
+
+def preprocess(adata: AnnData, min_shared_counts: int = 20) -> AnnData:
+    """scVelo's standard recipe on raw counts: ``filter_and_normalize``, ``log1p``,
+    ``moments(n_pcs=30, n_neighbors=30)`` (as for the benchmark tiers)."""
+    return _preprocess(adata, min_shared_counts)
 
 
 def pancreas(n_obs: int | None = None, path: str | os.PathLike | None = None) -> AnnData:

@@ -13,7 +13,13 @@ import jax.numpy as jnp
 from jax import Array
 
 from .kinetics import linspace, solution, tau_inv
-from .numerics import fma_barrier, np_percentile_masked
+from .numerics import fma_barrier, np_percentile_masked, true_divide
+from .numerics import fma_barrier as fb
+
+
+def r32(x: Array, flag) -> Array:
+    """``x`` rounded to float32 where ``flag`` (one numpy float32 operation, emulated)."""
+    return jnp.where(flag, x.astype(jnp.float32).astype(x.dtype), x)
 
 
 class Neighbors(NamedTuple):
@@ -190,12 +196,19 @@ def assign_timepoints(
     nbrs: Neighbors | None,
     assignment_mode: str | None,
     fit_steady_states: bool = True,
+    fl=None,
 ) -> Assignment:
     """``compute_divergence(mode="assign_timepoints")`` for ``u`` already divided by scaling.
 
     Follows utils ~250-440: ``(u0_, s0_)`` from ``t_``; ``assign_tau``; ``std_u /= scaling``;
     on/off by the smoothed 2-row distances, ``adjust_increments``; then the 4-row argmin with
     steady states, ``tau_ *= o == 0``, ``tau *= o == 1`` *before* remapping 2->1 and 3->0.
+
+    ``fl`` (:class:`jaxvelo.core.objective.Flags`, float64 inputs only) marks the inputs
+    that are numpy float32 upstream, with ``fl.t`` meaning "the data layers are float32".
+    Upstream's float32 ``s`` and ``std_s`` make ``(s / std_s) ** 2`` of the steady-state
+    distances float32 arithmetic (and ``s - s_inf`` too when ``s_inf`` is float32); those
+    operations are emulated by rounding. The rest is float64 once any input is.
     """
     u0_, s0_ = solution(t_, alpha, beta, gamma)
     tau, tau_ = assign_tau(u, s, alpha, beta, gamma, t_, u0_, s0_, assignment_mode)
@@ -204,22 +217,36 @@ def assign_timepoints(
     # constraint_time_increments (utils ~284-302)
     ut, st = solution(tau, alpha, beta, gamma)
     ut_, st_ = solution(tau_, 0, beta, gamma, u0_, s0_)
-    distu, distu_ = (u - ut) / std_u, (u - ut_) / std_u
-    dists, dists_ = (s - st) / std_s, (s - st_) / std_s
-    res = smooth(nbrs, jnp.stack([distu_**2 + dists_**2, distu**2 + dists**2]))
+    distu, distu_ = true_divide(u - ut, std_u), true_divide(u - ut_, std_u)
+    dists, dists_ = true_divide(s - st, std_s), true_divide(s - st_, std_s)
+    rows2 = [fb(distu_**2) + fb(dists_**2), fb(distu**2) + fb(dists**2)]
+    res = smooth(nbrs, jnp.stack(rows2))
     on = res[1] < res[0]  # np.argmin over 2 rows: ties go to row 0 ('off')
     tau, tau_ = adjust_increments(tau, on, tau_, ~on)
 
     ut, st = solution(tau, alpha, beta, gamma)
     ut_, st_ = solution(tau_, 0, beta, gamma, u0_, s0_)
-    distu, distu_ = (u - ut) / std_u, (u - ut_) / std_u
-    dists, dists_ = (s - st) / std_s, (s - st_) / std_s
-    distx = distu**2 + dists**2
-    distx_ = distu_**2 + dists_**2
+    distu, distu_ = true_divide(u - ut, std_u), true_divide(u - ut_, std_u)
+    dists, dists_ = true_divide(s - st, std_s), true_divide(s - st_, std_s)
+    distx = fb(distu**2) + fb(dists**2)
+    distx_ = fb(distu_**2) + fb(dists_**2)
     if fit_steady_states:
         u_inf, s_inf = alpha / beta, alpha / gamma
-        distx_steady = ((u - u_inf) / std_u) ** 2 + ((s - s_inf) / std_s) ** 2
-        distx_steady_ = (u / std_u) ** 2 + (s / std_s) ** 2
+        if fl is None:
+            distx_steady = fb(true_divide(u - u_inf, std_u) ** 2) + fb(
+                true_divide(s - s_inf, std_s) ** 2
+            )
+            distx_steady_ = fb(true_divide(u, std_u) ** 2) + fb(true_divide(s, std_s) ** 2)
+        else:
+            d32 = fl.t  # float32 data (s) and std_s
+            ag = fl.alpha & fl.gamma
+            s_inf = r32(s_inf, ag)
+            u_inf = r32(u_inf, fl.alpha & fl.beta)
+            ds = r32(s - s_inf, d32 & ag)
+            sq_s = r32(r32(true_divide(ds, std_s), d32 & ag) ** 2, d32 & ag)
+            distx_steady = fb(true_divide(u - u_inf, std_u) ** 2) + fb(sq_s)
+            sq_s_ = r32(r32(true_divide(s, std_s), d32) ** 2, d32)
+            distx_steady_ = fb(true_divide(u, std_u) ** 2) + fb(sq_s_)
         rows = jnp.stack([distx_, distx, distx_steady_, distx_steady])
     else:
         rows = jnp.stack([distx_, distx])

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax import Array
 
@@ -112,6 +113,7 @@ class Static(NamedTuple):
     wu: obj.Subset  # weights_upper
     std_u: Array
     std_s: Array
+    data32: Array  # () bool: the layers are float32 (scv.pp.moments)
 
 
 class GeneResult(NamedTuple):
@@ -156,18 +158,22 @@ def _overlay(state: EMState, idx: tuple[int, ...], x: Array) -> Array:
     return p.at[T_].set(jnp.where(p[T_] == 0, state.pars[T_], p[T_]))
 
 
-def _assign(st: Static, p: Array, mode: str | None, nbrs, cfg: FitConfig) -> Assignment:
+def _assign(st: Static, p: Array, mode: str | None, nbrs, cfg: FitConfig, fl=None) -> Assignment:
     alpha, beta, gamma, scaling, t_ = _vars(p)
+    u = st.u / scaling
+    if fl is not None:
+        u = r32(u, fl.scaling & st.data32)
+        fl = fl._replace(t=st.data32)
     return assign_timepoints(
-        st.u / scaling, st.s, alpha, beta, gamma, scaling, t_, st.std_u, st.std_s,
-        nbrs, mode, cfg.fit_steady_states,
+        u, st.s, alpha, beta, gamma, scaling, t_, st.std_u, st.std_s,
+        nbrs, mode, cfg.fit_steady_states, fl,
     )  # fmt: skip
 
 
-def _time(state: EMState, st: Static, p, mode, nbrs, cfg, refit: bool):
+def _time(state: EMState, st: Static, p, mode, nbrs, cfg, refit: bool, fl=None):
     """``get_time_assignment``: re-assign (``refit_time``) or the stored ``(t, tau, o)``."""
     if refit:
-        a = _assign(st, p, mode, nbrs, cfg)
+        a = _assign(st, p, mode, nbrs, cfg, fl)
         return a.t, a.tau, a.o
     return state.t, state.tau, state.o
 
@@ -207,8 +213,6 @@ def _commit(state: EMState, ok, p, t, tau, o, loss, f32, beta_int, t32) -> EMSta
 
 
 def _select(ok, a, b):
-    import jax
-
     return jax.tree_util.tree_map(lambda x, y: jnp.where(ok, x, y), a, b)
 
 
@@ -216,73 +220,110 @@ def _unspliced_c32(state: EMState, t_, t32, alpha, beta) -> Array:
     """``unspliced(t_, 0, alpha, beta)`` on numpy scalars: float32 arithmetic when all of
     ``t_``, ``alpha`` and ``beta`` are float32 (NEP 50 keeps scalar ops in float32)."""
     a32, b32 = _c32(state, ALPHA), _c32(state, BETA)
-    expu = r32(jnp.exp(r32(-beta * t_, b32 & t32)), b32 & t32)
+    expu = obj.exp_r32(r32(-beta * t_, b32 & t32), b32 & t32)
     return r32(r32(alpha / beta, a32 & b32) * r32(1 - expu, b32 & t32), a32 & b32 & t32)
+
+
+class Candidate(NamedTuple):
+    """Parameters proposed to ``update()`` with their numpy dtypes."""
+
+    pars: Array  # (5,)
+    f32: Array  # (5,) bool
+    beta_int: Array  # () bool
+
+
+def _same(state: EMState) -> Candidate:
+    return Candidate(state.pars, state.f32, state.beta_int)
+
+
+def _time_sel(state, st, p, modes, final, nbrs, cfg, refit, fl=None):
+    """``_time`` with the assignment mode chosen by ``final`` (an unbatched flag, so
+    ``lax.cond`` runs one branch) when the pre-training and final modes differ."""
+    pre_mode, final_mode = modes
+    if pre_mode == final_mode or isinstance(final, bool):
+        mode = final_mode if final is True else pre_mode
+        return _time(state, st, p, mode, nbrs, cfg, refit, fl)
+    return jax.lax.cond(
+        final,
+        lambda: _time(state, st, p, final_mode, nbrs, cfg, refit, fl),
+        lambda: _time(state, st, p, pre_mode, nbrs, cfg, refit, fl),
+    )
 
 
 def update(
     state: EMState,
     st: Static,
-    p_new: Array,
+    cand: Candidate,
     nbrs,
     cfg: FitConfig,
-    mode: str | None,
-    adjust_t_: bool = True,
-    f32_new: Array | None = None,
-    beta_int_new: Array | None = None,
+    modes: tuple[str | None, str | None],
+    final: Array | bool = False,
+    adjust_t_: Array | bool = True,
 ) -> EMState:
-    """``DynamicsRecovery.update`` (core ~311-378) with ``p_new`` already overlaid.
+    """``DynamicsRecovery.update`` (core ~311-378) for the proposed parameters ``cand``.
 
-    ``f32_new``/``beta_int_new`` are the numpy dtypes of the proposed parameters (default:
-    the current ones). When the new parameters are rejected upstream recomputes the current
-    assignment and loss (core ~334-336); both are deterministic functions of the current
-    parameters and equal the stored ``(t, tau, o)`` and ``loss[-1]``, which are reused.
+    ``modes = (pre-training mode, final mode)``; ``final`` selects one, ``adjust_t_`` is
+    upstream's flag (both may be unbatched traced flags of the schedule loop). When the new
+    parameters are rejected upstream recomputes the current assignment and loss
+    (core ~334-336); both are deterministic functions of the current parameters and equal
+    the stored ``(t, tau, o)`` and ``loss[-1]``, which are reused here.
     """
-    f32_new = state.f32 if f32_new is None else f32_new
-    beta_int_new = state.beta_int if beta_int_new is None else beta_int_new
     no = jnp.asarray(False)
     refit = cfg.fit_time
     loss_prev = state.loss_last
-    t, tau, o = _time(state, st, p_new, mode, nbrs, cfg, refit)
-    loss = _se(st, t, p_new, state.ratio, _flags(f32_new, beta_int_new, no, state.ratio32))
+    p_new = cand.pars
+    fl_new = _flags(cand.f32, cand.beta_int, no, state.ratio32)
+    t, tau, o = _time_sel(state, st, p_new, modes, final, nbrs, cfg, refit, fl_new)
+    loss = _se(st, t, p_new, state.ratio, fl_new)
     perform = loss < loss_prev
-    if not adjust_t_:
-        return _commit(state, perform, p_new, t, tau, o, loss, f32_new, beta_int_new, no)
 
-    on = state.o == 1
-    p = jnp.where(perform, p_new, state.pars)
-    t = jnp.where(perform, t, state.t)
-    tau = jnp.where(perform, tau, state.tau)
-    o = jnp.where(perform, o, state.o)
-    loss = jnp.where(perform, loss, loss_prev)
-    f32 = jnp.where(perform, f32_new, state.f32)
-    beta_int = jnp.where(perform, beta_int_new, state.beta_int)
-    t32 = jnp.where(perform, no, state.t32)
-    alpha, beta, gamma, scaling, t_ = _vars(p)
+    def plain(_):
+        return perform, p_new, t, tau, o, loss, cand.f32, cand.beta_int, no
 
-    alt_t_ = jnp.max(jnp.where(on, t, -jnp.inf))
-    try_alt = jnp.any(on) & (0 < alt_t_) & (alt_t_ < t_)
-    # core ~342: np.max(t) / len(t) is float32 for a float32 t; * np.sum(...) -> float64
-    alt_t_ = alt_t_ + r32(jnp.max(t) / cfg.n_obs, t32) * jnp.sum(t == t_)
-    # alt_t_ > 0 here, so get_vars keeps it
-    p_alt = p.at[T_].set(jnp.where(try_alt, alt_t_, t_))
-    alt_t, alt_tau, alt_o = _time(state, st, p_alt, mode, nbrs, cfg, refit)
-    alt_fl = _flags(f32.at[T_].set(False), beta_int, no, state.ratio32)
-    alt_loss = _se(st, alt_t, p_alt, state.ratio, alt_fl)
-    flags = state._replace(f32=f32, beta_int=beta_int)
-    ut_cur = _unspliced_c32(flags, t_, f32[T_], alpha, beta)
-    ut_alt = unspliced(p_alt[T_], 0, alpha, beta)
-    min_loss = jnp.minimum(loss, loss_prev)
-    take = try_alt & ((alt_loss * 0.99 <= min_loss) | (ut_cur * 0.99 < ut_alt))
+    def with_alt(_):
+        on = state.o == 1
+        p = jnp.where(perform, p_new, state.pars)
+        t_b = jnp.where(perform, t, state.t)
+        tau_b = jnp.where(perform, tau, state.tau)
+        o_b = jnp.where(perform, o, state.o)
+        loss_b = jnp.where(perform, loss, loss_prev)
+        f32 = jnp.where(perform, cand.f32, state.f32)
+        beta_int = jnp.where(perform, cand.beta_int, state.beta_int)
+        t32 = jnp.where(perform, no, state.t32)
+        alpha, beta, gamma, scaling, t_ = _vars(p)
 
-    p = jnp.where(take, p_alt, p)
-    t = jnp.where(take, alt_t, t)
-    tau = jnp.where(take, alt_tau, tau)
-    o = jnp.where(take, alt_o, o)
-    loss = jnp.where(take, alt_loss, loss)
-    f32 = jnp.where(take, f32.at[T_].set(False), f32)
-    t32 = jnp.where(take, no, t32)
-    return _commit(state, perform | take, p, t, tau, o, loss, f32, beta_int, t32)
+        alt_t_ = jnp.max(jnp.where(on, t_b, -jnp.inf))
+        try_alt = jnp.any(on) & (0 < alt_t_) & (alt_t_ < t_)
+        # core ~342: np.max(t) / len(t) is float32 for a float32 t; * np.sum(...) -> float64
+        alt_t_ = alt_t_ + r32(jnp.max(t_b) / cfg.n_obs, t32) * jnp.sum(t_b == t_)
+        # alt_t_ > 0 here, so get_vars keeps it
+        p_alt = p.at[T_].set(jnp.where(try_alt, alt_t_, t_))
+        alt_fl = _flags(f32.at[T_].set(False), beta_int, no, state.ratio32)
+        alt_t, alt_tau, alt_o = _time_sel(state, st, p_alt, modes, final, nbrs, cfg, refit,
+                                          alt_fl)  # fmt: skip
+        alt_loss = _se(st, alt_t, p_alt, state.ratio, alt_fl)
+        flags = state._replace(f32=f32, beta_int=beta_int)
+        ut_cur = _unspliced_c32(flags, t_, f32[T_], alpha, beta)
+        ut_alt = unspliced(p_alt[T_], 0, alpha, beta)
+        min_loss = jnp.minimum(loss_b, loss_prev)
+        take = try_alt & ((alt_loss * 0.99 <= min_loss) | (ut_cur * 0.99 < ut_alt))
+        return (
+            perform | take,
+            jnp.where(take, p_alt, p),
+            jnp.where(take, alt_t, t_b),
+            jnp.where(take, alt_tau, tau_b),
+            jnp.where(take, alt_o, o_b),
+            jnp.where(take, alt_loss, loss_b),
+            jnp.where(take, f32.at[T_].set(False), f32),
+            beta_int,
+            jnp.where(take, no, t32),
+        )
+
+    if isinstance(adjust_t_, bool):
+        out = with_alt(None) if adjust_t_ else plain(None)
+    else:
+        out = jax.lax.cond(adjust_t_, with_alt, plain, None)
+    return _commit(state, *out)
 
 
 def _nm_stage(
@@ -294,10 +335,9 @@ def _nm_stage(
     mode: str | None,
     tol: float | None,
     refit_objective: bool = True,
-) -> EMState:
-    """One ``fit_*`` stage: Nelder-Mead on ``get_mse`` over the parameters ``idx``, then
-    ``update()`` with the result (core ~196-262)."""
-
+) -> Candidate:
+    """One ``fit_*`` stage (core ~196-262): Nelder-Mead on ``get_mse`` over the parameters
+    ``idx``; returns the result as the candidate of the ``update()`` that follows."""
     x0 = state.pars[jnp.asarray(idx)]
     # np.array([...]) of numpy float32 scalars is float32; a Python int (beta) or any
     # float64 makes it float64, and scipy keeps x0's dtype for the simplex (PARITY.md).
@@ -309,13 +349,12 @@ def _nm_stage(
 
     def mse(x):
         p = _overlay(state, idx, x)
-        t, _, _ = _time(state, st, p, mode, nbrs, cfg, refit)
+        t, _, _ = _time(state, st, p, mode, nbrs, cfg, refit, fl)
         return obj.mse(t, st.u, st.s, st.w, _vars(p), st.std_u, st.std_s, state.ratio, fl)
 
     tol_kw = {} if tol is None else {"xatol": tol, "fatol": tol}
     res, _ = nelder_mead(mse, x0, maxiter=cfg.nm_maxiter, round32=x32, **tol_kw)
-    return update(state, st, _overlay(state, idx, res.x), nbrs, cfg, mode,
-                  f32_new=f32_x, beta_int_new=beta_int_x)  # fmt: skip
+    return Candidate(_overlay(state, idx, res.x), f32_x, beta_int_x)
 
 
 def _initial_values(gd: GeneData, cfg: FitConfig, init_vals):
@@ -392,6 +431,77 @@ def _initial_values(gd: GeneData, cfg: FitConfig, init_vals):
     )  # fmt: skip
 
 
+def _initialize_scaling(state: EMState, st: Static, nbrs, cfg: FitConfig) -> EMState:
+    """``initialize_scaling(sight=0.5)`` then ``(sight=0.1)`` (core ~117-121): 8 updates in
+    one loop (one compiled ``update`` body)."""
+    if not cfg.do_fit_scaling:
+        return state
+    lins = linspace(-1.0, 1.0, 4)
+
+    def step(i, carry):
+        state, sc0 = carry
+        sc0 = jnp.where(i % 4 == 0, state.pars[SCALING], sc0)  # z_vals fixed per sweep
+        sight = jnp.where(i < 4, 0.5, 0.1)
+        z = sc0 + lins[i % 4] * sc0 * sight  # float64 (np.linspace)
+        ratio32 = _c32(state, BETA) & state.f32[SCALING]
+        beta = r32(state.pars[BETA] / state.pars[SCALING], ratio32) * z
+        cand = Candidate(
+            state.pars.at[SCALING].set(z).at[BETA].set(beta),
+            state.f32.at[SCALING].set(False).at[BETA].set(False),
+            jnp.asarray(False),
+        )
+        return update(state, st, cand, nbrs, cfg, (None, None)), sc0
+
+    state, _ = jax.lax.fori_loop(0, 8, step, (state, state.pars[SCALING]))
+    return state
+
+
+def _fit_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes) -> EMState:
+    """``DynamicsRecovery.fit`` (core ~124-151) as one loop over its update() calls.
+
+    Each step proposes a candidate (an alpha try, a Nelder-Mead stage, or the current
+    parameters) and runs the shared ``update``. The step kind is an unbatched index, so
+    under ``vmap`` ``lax.switch`` executes one branch and each stage compiles once.
+    """
+    pre, final_mode = modes
+    alpha0 = state.pars[ALPHA]
+    lins = linspace(-1.0, 1.0, 5)
+
+    def alpha_try(state, j):  # fit_t_and_alpha, core ~202-204 (float64 candidates)
+        p = state.pars.at[ALPHA].set(alpha0 + lins[j] * alpha0 / 10)
+        return Candidate(p, state.f32.at[ALPHA].set(False), state.beta_int)
+
+    def stage(idx, mode, tol, refit=True):
+        return lambda state, j: _nm_stage(state, st, idx, nbrs, cfg, mode, tol, refit)
+
+    branches = [alpha_try, lambda state, j: _same(state)]
+    steps: list[tuple[int, int, bool, bool]] = []  # (branch, arg, final, adjust_t_)
+    if cfg.max_iter > 0:
+        steps += [(0, j, False, True) for j in range(5)]
+        stages = [((T_, ALPHA), pre, None)]
+        if cfg.do_fit_scaling:
+            stages.append(((T_, BETA, SCALING), pre, None))
+        stages += [((ALPHA, GAMMA), pre, 1e-2), ((T_,), pre, None),
+                   ((T_, ALPHA, BETA, GAMMA), pre, 1e-2)]  # fmt: skip
+        for idx, mode, tol in stages:
+            branches.append(stage(idx, mode, tol))
+            steps.append((len(branches) - 1, 0, False, True))
+        steps.append((1, 0, True, False))  # update(adjust_t_=False) in the final mode
+        branches.append(stage((T_, ALPHA, BETA, GAMMA), final_mode, 1e-2, refit=False))
+        steps.append((len(branches) - 1, 0, True, True))
+    steps.append((1, 0, True, True))  # final update()
+
+    table = [jnp.asarray([s_[k] for s_ in steps]) for k in range(4)]
+
+    def step(i, state):
+        kind, arg, final, adjust = (tbl[i] for tbl in table)
+        cand = jax.lax.switch(kind, branches, state, arg)
+        return update(state, st, cand, nbrs, cfg, modes, final.astype(bool),
+                      adjust.astype(bool))  # fmt: skip
+
+    return jax.lax.fori_loop(0, len(steps), step, state)
+
+
 def fit_gene(gd: GeneData, nbrs: Neighbors | None, cfg: FitConfig, init_vals=None) -> GeneResult:
     """Initialise and fit one gene exactly as ``DynamicsRecovery(...).fit(assignment_mode)``."""
     iv = _initial_values(gd, cfg, init_vals)
@@ -399,6 +509,7 @@ def fit_gene(gd: GeneData, nbrs: Neighbors | None, cfg: FitConfig, init_vals=Non
     st = Static(
         u=gd.u.astype(f64), s=gd.s.astype(f64), w=obj.make_subset(iv["w"]),
         wu=obj.make_subset(iv["w_upper"]), std_u=iv["std_u"], std_s=iv["std_s"],
+        data32=jnp.asarray(gd.u.dtype == jnp.float32),
     )  # fmt: skip
     H = cfg.hist_len
     pars = iv["pars"]
@@ -424,46 +535,21 @@ def fit_gene(gd: GeneData, nbrs: Neighbors | None, cfg: FitConfig, init_vals=Non
         f32=f32, beta_int=beta_int, t32=data32, ratio32=jnp.asarray(False),
     )  # fmt: skip
 
-    # initialize_scaling(sight=0.5), (sight=0.1) (core ~117-121)
-    if cfg.do_fit_scaling:
-        for sight in (0.5, 0.1):
-            sc0 = state.pars[SCALING]
-            for lin in linspace(-1.0, 1.0, 4):
-                z = sc0 + lin * sc0 * sight  # float64 (np.linspace)
-                ratio32 = _c32(state, BETA) & state.f32[SCALING]
-                beta = r32(state.pars[BETA] / state.pars[SCALING], ratio32) * z
-                p_new = state.pars.at[SCALING].set(z).at[BETA].set(beta)
-                f32_new = state.f32.at[SCALING].set(False).at[BETA].set(False)
-                state = update(state, st, p_new, nbrs, cfg, None, f32_new=f32_new,
-                               beta_int_new=jnp.asarray(False))  # fmt: skip
+    # fit() sets assignment_mode only when max_iter > 0 (core ~126-145)
+    mode = cfg.assignment_mode if cfg.max_iter > 0 else None
+    pre = mode if mode == "full_projection" else None
+    state = _initialize_scaling(state, st, nbrs, cfg)
     ratio32 = _c32(state, GAMMA) & _c32(state, BETA)
     state = state._replace(ratio=r32(state.pars[GAMMA] / state.pars[BETA], ratio32),
                            ratio32=ratio32)  # fmt: skip
-
-    mode = cfg.assignment_mode
-    if cfg.max_iter > 0:
-        pre = mode if mode == "full_projection" else None
-        alpha0 = state.pars[ALPHA]
-        for lin in linspace(-1.0, 1.0, 5):  # fit_t_and_alpha, core ~202-204 (float64)
-            state = update(state, st, state.pars.at[ALPHA].set(alpha0 + lin * alpha0 / 10), nbrs,
-                           cfg, pre, f32_new=state.f32.at[ALPHA].set(False))  # fmt: skip
-        state = _nm_stage(state, st, (T_, ALPHA), nbrs, cfg, pre, None)
-        if cfg.do_fit_scaling:
-            state = _nm_stage(state, st, (T_, BETA, SCALING), nbrs, cfg, pre, None)
-        state = _nm_stage(state, st, (ALPHA, GAMMA), nbrs, cfg, pre, 1e-2)
-        state = _nm_stage(state, st, (T_,), nbrs, cfg, pre, None)
-        state = _nm_stage(state, st, (T_, ALPHA, BETA, GAMMA), nbrs, cfg, pre, 1e-2)
-        state = update(state, st, state.pars, nbrs, cfg, mode, adjust_t_=False)
-        state = _nm_stage(state, st, (T_, ALPHA, BETA, GAMMA), nbrs, cfg, mode, 1e-2,
-                          refit_objective=False)  # fmt: skip
-    state = update(state, st, state.pars, nbrs, cfg, mode)
+    state = _fit_schedule(state, st, nbrs, cfg, (pre, mode))
 
     final = _assign(st, state.pars, mode, nbrs, cfg)  # get_divergence(mode="tau")
     v = _vars(state.pars)
     fl = _flags(state.f32, state.beta_int, state.t32, state.ratio32)
     lik = obj.likelihood(state.t, st.u, st.s, st.wu, v, st.std_u, st.std_s, state.ratio, cfg.n_obs,
                          fl)  # fmt: skip
-    t_var, _, _ = _time(state, st, state.pars, mode, nbrs, cfg, cfg.fit_time)
+    t_var, _, _ = _time(state, st, state.pars, mode, nbrs, cfg, cfg.fit_time, fl)
     fl_var = fl._replace(t=state.t32 & (not cfg.fit_time))
     varx = obj.variance(t_var, st.u, st.s, st.wu, v, st.std_u, st.std_s, state.ratio, fl_var)
     return GeneResult(

@@ -11,6 +11,22 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import Array
 
+from .npmath import np_exp32, np_log32
+from .numerics import fma_barrier as fb
+from .numerics import true_divide
+
+
+def _exp(x: Array) -> Array:
+    """``np.exp``: numpy's own (not correctly rounded) float32 kernel for float32 input."""
+    x = jnp.asarray(x)
+    return np_exp32(x) if x.dtype == jnp.float32 else jnp.exp(x)
+
+
+def _log(x: Array) -> Array:
+    """``np.log``: numpy's own float32 kernel for float32 input."""
+    x = jnp.asarray(x)
+    return np_log32(x) if x.dtype == jnp.float32 else jnp.log(x)
+
 
 def invert(x: Array) -> Array:
     """``1 / x`` with ``x == 0`` mapped to NaN.
@@ -22,20 +38,20 @@ def invert(x: Array) -> Array:
 
 def clipped_log(x: Array, lb: float = 0, ub: float = 1, eps: float = 1e-6) -> Array:
     """``log(clip(x, lb + eps, ub - eps))`` (``scvelo.core._arithmetic.clipped_log``)."""
-    return jnp.log(jnp.clip(x, lb + eps, ub - eps))
+    return _log(jnp.clip(x, lb + eps, ub - eps))
 
 
 def unspliced(tau: Array, u0: Array, alpha: Array, beta: Array) -> Array:
     """Unspliced abundance at ``tau`` (``_em_model_utils.unspliced``)."""
-    expu = jnp.exp(-beta * tau)
-    return u0 * expu + alpha / beta * (1 - expu)
+    expu = _exp(-beta * tau)
+    return fb(u0 * expu) + fb(alpha / beta * (1 - expu))
 
 
 def spliced(tau: Array, s0: Array, u0: Array, alpha: Array, beta: Array, gamma: Array) -> Array:
     """Spliced abundance at ``tau`` (``_em_model_utils.spliced``)."""
-    c = (alpha - u0 * beta) * invert(gamma - beta)
-    expu, exps = jnp.exp(-beta * tau), jnp.exp(-gamma * tau)
-    return s0 * exps + alpha / gamma * (1 - exps) + c * (exps - expu)
+    c = (alpha - fb(u0 * beta)) * invert(gamma - beta)
+    expu, exps = _exp(-beta * tau), _exp(-gamma * tau)
+    return fb(s0 * exps) + fb(alpha / gamma * (1 - exps)) + fb(c * (exps - expu))
 
 
 def solution(
@@ -46,11 +62,12 @@ def solution(
     Port of ``scvelo/core/_models.py`` ``get_solution``: note the order ``expu`` then ``exps``
     and ``c`` computed after ``unspliced`` (same values as :func:`spliced`).
     """
-    expu = jnp.exp(-beta * t)
-    exps = jnp.exp(-gamma * t)
-    u = u0 * expu + alpha / beta * (1 - expu)
-    c = (alpha - u0 * beta) * invert(gamma - beta)
-    s = s0 * exps + alpha / gamma * (1 - exps) + c * (exps - expu)
+    # fb(): no fused multiply-add where numpy rounds the product (XLA contracts a*b + c)
+    expu = _exp(-beta * t)
+    exps = _exp(-gamma * t)
+    u = fb(u0 * expu) + fb(alpha / beta * (1 - expu))
+    c = (alpha - fb(u0 * beta)) * invert(gamma - beta)
+    s = fb(s0 * exps) + fb(alpha / gamma * (1 - exps)) + fb(c * (exps - expu))
     return u, s
 
 
@@ -70,12 +87,13 @@ def tau_inv(
     Here both branches are evaluated and selected, which gives the same values.
     """
     uinf = alpha / beta
-    tau_u = -1 / beta * clipped_log((u - uinf) / (u0 - uinf))
+    tau_u = -1 / beta * clipped_log(true_divide(u - uinf, u0 - uinf))
     if s is None or gamma is None:
         return tau_u
     beta_ = beta * invert(gamma - beta)
-    xinf = alpha / gamma - beta_ * (alpha / beta)
-    tau_us = -1 / gamma * clipped_log((s - beta_ * u - xinf) / (s0 - beta_ * u0 - xinf))
+    xinf = alpha / gamma - fb(beta_ * (alpha / beta))
+    num = s - fb(beta_ * u) - xinf
+    tau_us = -1 / gamma * clipped_log(true_divide(num, s0 - fb(beta_ * u0) - xinf))
     return jnp.where(gamma >= beta, tau_u, tau_us)
 
 

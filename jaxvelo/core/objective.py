@@ -14,6 +14,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from jax import Array
 
+from .npmath import np_exp32
 from .numerics import fma_barrier as fb
 from .numerics import pairwise_sum, true_divide
 
@@ -54,13 +55,19 @@ def r32(x: Array, flag) -> Array:
     return jnp.where(flag, x.astype(jnp.float32).astype(x.dtype), x)
 
 
+def exp_r32(x: Array, flag) -> Array:
+    """``np.exp`` of a float64 or (where ``flag``) a numpy float32 value: numpy's float32
+    exp is not correctly rounded, so its SIMD kernel is ported (:mod:`.npmath`)."""
+    return jnp.where(flag, np_exp32(x), jnp.exp(x))
+
+
 def switch_state(t_, alpha, beta, gamma, fl: Flags) -> tuple[Array, Array]:
     """``unspliced(t_, 0, alpha, beta)`` and ``spliced(t_, 0, 0, alpha, beta, gamma)`` on
     numpy scalars, in float32 where the operands are (``vectorize``, utils ~458-459)."""
     bt = fl.beta & fl.t_
     gt = fl.gamma & fl.t_
-    expu = r32(jnp.exp(r32(-beta * t_, bt)), bt)
-    exps = r32(jnp.exp(r32(-gamma * t_, gt)), gt)
+    expu = exp_r32(r32(-beta * t_, bt), bt)
+    exps = exp_r32(r32(-gamma * t_, gt), gt)
     ab = fl.alpha & fl.beta
     u0_ = r32(r32(alpha / beta, ab) * r32(1 - expu, bt), ab & bt)
     gb = fl.gamma & fl.beta
