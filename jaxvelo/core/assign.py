@@ -85,6 +85,7 @@ def assign_tau(
     u0_: Array,
     s0_: Array,
     assignment_mode: str | None,
+    f32: dict | None = None,
 ) -> tuple[Array, Array]:
     """``_em_model_utils.assign_tau``: (tau, tau_) by projection or by the inverse formula.
 
@@ -94,9 +95,11 @@ def assign_tau(
     projection_modes = {"full_projection", "partial_projection", "projection"}
 
     def inverse():
-        tau = tau_inv(u, s, 0, 0, alpha, beta, gamma)
+        f_on = None if f32 is None else {**f32, "u0": True, "s0": True}  # ints 0
+        tau = tau_inv(u, s, 0, 0, alpha, beta, gamma, f_on)
         tau = jnp.clip(tau, 0, t_)
-        tau_ = tau_inv(u, s, u0_, s0_, 0, beta, gamma)
+        f_off = None if f32 is None else {**f32, "alpha": True}  # alpha = 0 (int)
+        tau_ = tau_inv(u, s, u0_, s0_, 0, beta, gamma, f_off)
         tau_max = jnp.max(jnp.where(s > 0, tau_, -jnp.inf))
         tau_ = jnp.clip(tau_, 0, tau_max)
         return tau, tau_
@@ -210,9 +213,20 @@ def assign_timepoints(
     distances float32 arithmetic (and ``s - s_inf`` too when ``s_inf`` is float32); those
     operations are emulated by rounding. The rest is float64 once any input is.
     """
-    u0_, s0_ = solution(t_, alpha, beta, gamma)
-    tau, tau_ = assign_tau(u, s, alpha, beta, gamma, t_, u0_, s0_, assignment_mode)
+    f32 = None
+    if fl is None:
+        u0_, s0_ = solution(t_, alpha, beta, gamma)
+    else:
+        from .objective import switch_state
+
+        u0_, s0_ = switch_state(t_, alpha, beta, gamma, fl)
+        f32 = {"alpha": fl.alpha, "beta": fl.beta, "gamma": fl.gamma,
+               "u0": fl.alpha & fl.beta & fl.t_,
+               "s0": fl.alpha & fl.beta & fl.gamma & fl.t_}  # fmt: skip
+    tau, tau_ = assign_tau(u, s, alpha, beta, gamma, t_, u0_, s0_, assignment_mode, f32)
     std_u = std_u / scaling
+    if fl is not None:
+        std_u = r32(std_u, fl.t & fl.scaling)  # float32 std_u / float32 scaling
 
     # constraint_time_increments (utils ~284-302)
     ut, st = solution(tau, alpha, beta, gamma)

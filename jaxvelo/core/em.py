@@ -20,7 +20,15 @@ from . import objective as obj
 from .assign import Assignment, Neighbors, assign_timepoints
 from .kinetics import linspace, tau_inv, unspliced
 from .nelder_mead import nelder_mead
-from .numerics import compact, np_mean, np_percentile, np_std, pairwise_sum, test_bimodality
+from .numerics import (
+    compact,
+    np_mean,
+    np_percentile,
+    np_std,
+    pairwise_sum,
+    test_bimodality,
+    true_divide,
+)
 
 ALPHA, BETA, GAMMA, T_, SCALING = range(5)
 PAR_NAMES = ("alpha", "beta", "gamma", "t_", "scaling")
@@ -160,7 +168,7 @@ def _overlay(state: EMState, idx: tuple[int, ...], x: Array) -> Array:
 
 def _assign(st: Static, p: Array, mode: str | None, nbrs, cfg: FitConfig, fl=None) -> Assignment:
     alpha, beta, gamma, scaling, t_ = _vars(p)
-    u = st.u / scaling
+    u = true_divide(st.u, scaling)
     if fl is not None:
         u = r32(u, fl.scaling & st.data32)
         fl = fl._replace(t=st.data32)
@@ -295,7 +303,7 @@ def update(
         alt_t_ = jnp.max(jnp.where(on, t_b, -jnp.inf))
         try_alt = jnp.any(on) & (0 < alt_t_) & (alt_t_ < t_)
         # core ~342: np.max(t) / len(t) is float32 for a float32 t; * np.sum(...) -> float64
-        alt_t_ = alt_t_ + r32(jnp.max(t_b) / cfg.n_obs, t32) * jnp.sum(t_b == t_)
+        alt_t_ = alt_t_ + r32(true_divide(jnp.max(t_b), cfg.n_obs), t32) * jnp.sum(t_b == t_)
         # alt_t_ > 0 here, so get_vars keeps it
         p_alt = p.at[T_].set(jnp.where(try_alt, alt_t_, t_))
         alt_fl = _flags(f32.at[T_].set(False), beta_int, no, state.ratio32)
@@ -372,7 +380,7 @@ def _initial_values(gd: GeneData, cfg: FitConfig, init_vals):
     valid = jnp.arange(n) < nw
     u_max = jnp.max(jnp.where(valid, u_w, -jnp.inf))
     s_max = jnp.max(jnp.where(valid, s_w, -jnp.inf))
-    w_upper = w & jnp.any(w) & (u > u_max / 3) & (s > s_max / 3)
+    w_upper = w & jnp.any(w) & (u > true_divide(u_max, 3)) & (s > true_divide(s_max, 3))
 
     std_u, std_s = np_std(u_w, nw), np_std(s_w, nw)
     degenerate = (std_u == 0) | (std_s == 0)
@@ -382,7 +390,7 @@ def _initial_values(gd: GeneData, cfg: FitConfig, init_vals):
         scaling = std_u / std_s if cfg.fit_scaling else jnp.ones((), u.dtype)
     else:
         scaling = jnp.asarray(cfg.fit_scaling, u.dtype)
-    u_ws = jnp.where(valid, u_w / scaling, 0)
+    u_ws = jnp.where(valid, true_divide(u_w, scaling), 0)
 
     perc = 98
     weights_s = valid & (s_w >= np_percentile(s_w, nw, perc))
@@ -392,7 +400,7 @@ def _initial_values(gd: GeneData, cfg: FitConfig, init_vals):
     cu, cs = weights_g * u_ws, weights_g * s_w
     gamma = pairwise_sum(cs * cu, nw) / pairwise_sum(cs**2, nw) + 1e-6
     gamma = jnp.where(
-        gamma < 0.05 / scaling, gamma * 1.2, jnp.where(gamma > 1.5 / scaling, gamma / 1.2, gamma)
+        gamma < 0.05 / scaling, gamma * 1.2, jnp.where(gamma > 1.5 / scaling, true_divide(gamma, 1.2), gamma)
     )
     u_inf = np_mean(*compact(u_ws, weights_u | weights_s))
     s_inf = np_mean(*compact(s_w, weights_s))
@@ -468,7 +476,7 @@ def _fit_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes) -> EM
     lins = linspace(-1.0, 1.0, 5)
 
     def alpha_try(state, j):  # fit_t_and_alpha, core ~202-204 (float64 candidates)
-        p = state.pars.at[ALPHA].set(alpha0 + lins[j] * alpha0 / 10)
+        p = state.pars.at[ALPHA].set(alpha0 + true_divide(lins[j] * alpha0, 10))
         return Candidate(p, state.f32.at[ALPHA].set(False), state.beta_int)
 
     def stage(idx, mode, tol, refit=True):
@@ -517,7 +525,7 @@ def fit_gene(gd: GeneData, nbrs: Neighbors | None, cfg: FitConfig, init_vals=Non
     # The first time assignment runs in the data dtype: all float32 for float32 moments
     # (PARITY.md, docs/upstream_precision.md section 1).
     alpha, beta, gamma, t_, scaling, std_u, std_s = iv["native"]
-    a = assign_timepoints(gd.u / scaling, gd.s, alpha, beta, gamma, scaling, t_, std_u, std_s,
+    a = assign_timepoints(true_divide(gd.u, scaling), gd.s, alpha, beta, gamma, scaling, t_, std_u, std_s,
                           nbrs, None, cfg.fit_steady_states)  # fmt: skip
     a = Assignment(*(x.astype(f64) if x.dtype != jnp.int32 else x for x in a))
     is32 = gd.u.dtype == jnp.float32 and init_vals is None

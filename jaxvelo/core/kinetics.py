@@ -71,6 +71,13 @@ def solution(
     return u, s
 
 
+def _r32(x, flag):
+    if flag is None or flag is False:
+        return x
+    x = jnp.asarray(x)
+    return jnp.where(flag, x.astype(jnp.float32).astype(x.dtype), x)
+
+
 def tau_inv(
     u: Array,
     s: Array | None = None,
@@ -79,21 +86,39 @@ def tau_inv(
     alpha: Array | None = None,
     beta: Array | None = None,
     gamma: Array | None = None,
+    f32: dict | None = None,
 ) -> Array:
     """Invert the ODE solution for the time ``tau`` (``_em_model_utils.tau_inv``).
 
     With scalar ``beta``/``gamma`` upstream evaluates exactly one branch: the ``u``-only
     inversion when ``gamma >= beta`` (or when ``s`` is None), else the ``(u, s)`` inversion.
     Here both branches are evaluated and selected, which gives the same values.
+
+    ``f32`` optionally marks scalar arguments that are numpy float32 upstream (keys
+    ``alpha, beta, gamma, u0, s0``; Python ints count as float32-preserving): the
+    scalar-only operations among them are then rounded to float32 as NumPy 2 computes
+    them. The array operations are float64 whenever ``u`` is.
     """
-    uinf = alpha / beta
-    tau_u = -1 / beta * clipped_log(true_divide(u - uinf, u0 - uinf))
+    f = f32 or {}
+    a, b, g = f.get("alpha", False), f.get("beta", False), f.get("gamma", False)
+    fu0, fs0 = f.get("u0", False), f.get("s0", False)
+    uinf = _r32(alpha / beta, a & b if f else None)
+    tau_u = _r32(-1 / beta, b if f else None) * clipped_log(
+        true_divide(u - uinf, _r32(u0 - uinf, (fu0 & a & b) if f else None))
+    )
     if s is None or gamma is None:
         return tau_u
-    beta_ = beta * invert(gamma - beta)
-    xinf = alpha / gamma - fb(beta_ * (alpha / beta))
+    gb = (g & b) if f else None
+    beta_ = _r32(beta * _r32(invert(_r32(gamma - beta, gb)), gb), gb)
+    ag = (a & g) if f else None
+    abg = (a & b & g) if f else None
+    prod = fb(_r32(beta_ * _r32(alpha / beta, (a & b) if f else None), abg))
+    xinf = _r32(_r32(alpha / gamma, ag) - prod, abg)
+    prod0 = fb(_r32(beta_ * u0, (gb & fu0) if f else None))
+    den = _r32(_r32(s0 - prod0, (gb & fu0 & fs0) if f else None) - xinf,
+               (abg & fu0 & fs0) if f else None)  # fmt: skip
     num = s - fb(beta_ * u) - xinf
-    tau_us = -1 / gamma * clipped_log(true_divide(num, s0 - fb(beta_ * u0) - xinf))
+    tau_us = _r32(-1 / gamma, g if f else None) * clipped_log(true_divide(num, den))
     return jnp.where(gamma >= beta, tau_u, tau_us)
 
 

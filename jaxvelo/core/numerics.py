@@ -93,6 +93,7 @@ def fma_barrier(p: jax.Array) -> jax.Array:
     jax.Array
         ``p``, bit for bit (NaNs become the default NaN).
     """
+    p = jnp.asarray(p)
     return jnp.where(p == p, p, jnp.asarray(jnp.nan, p.dtype))
 
 
