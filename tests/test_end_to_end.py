@@ -16,9 +16,10 @@ import jaxvelo
 from jaxvelo import datasets
 from jaxvelo.concordance import compare
 
-# Floors measured in docs/concordance.md; the remaining genes diverge by float32 rounding
-# (see there). They guard against regressions; the gate itself is reported by the benchmark.
-FLOOR_WITHIN_1E6 = {"fixture": 0.97, "pancreas1500": 0.95}
+# The gate of the core issue is >= 99% of fitted genes within 1e-6 relative. It holds on the
+# fixture (99.92%, docs/concordance.md); the 1500-cell tier's figure is recorded there and
+# guarded here at its measured floor.
+FLOOR_WITHIN_1E6 = {"fixture": 0.99, "pancreas1500": 0.97}
 
 
 def _upstream(adata, **kw):

@@ -65,11 +65,11 @@ def _project(u: Array, s: Array, gu: Array, gs: Array, tpoints: Array) -> Array:
 
     def body(j, carry):
         best, arg = carry
-        d = (gu[j] - u) ** 2 + (gs[j] - s) ** 2
+        d = fb((gu[j] - u) ** 2) + fb((gs[j] - s) ** 2)
         better = d < best
         return jnp.where(better, d, best), jnp.where(better, j, arg)
 
-    best0 = (gu[0] - u) ** 2 + (gs[0] - s) ** 2
+    best0 = fb((gu[0] - u) ** 2) + fb((gs[0] - s) ** 2)
     # np.argmin returns the first NaN; NaN distances do not occur for finite parameters.
     _, arg = jax.lax.fori_loop(1, gu.shape[0], body, (best0, jnp.zeros(u.shape, jnp.int32)))
     return tpoints[arg]
@@ -111,6 +111,18 @@ def assign_tau(
         tpoints = linspace(0, t_, num)
         tpoints_ = linspace(0, t0, num)[1:]
         gu, gs = solution(tpoints, alpha, beta, gamma)
+        if f32 is not None and tpoints.dtype == jnp.float64:
+            # utils ~193: np.linspace(0, t_) is float32 for a float32 t_, and so are the
+            # assigned times; with float32 rates the 'on' curve is float32 too.
+            t32 = f32["t_"]
+            f = jnp.float32
+            tp32 = linspace(jnp.asarray(0, f), t_.astype(f), num)
+            all32 = t32 & f32["alpha"] & f32["beta"] & f32["gamma"]
+            gu32, gs32 = solution(tp32, alpha.astype(f), beta.astype(f), gamma.astype(f))
+            gu64, gs64 = solution(tp32.astype(tpoints.dtype), alpha, beta, gamma)
+            tpoints = jnp.where(t32, tp32.astype(tpoints.dtype), tpoints)
+            gu = jnp.where(all32, gu32.astype(gu.dtype), jnp.where(t32, gu64, gu))
+            gs = jnp.where(all32, gs32.astype(gs.dtype), jnp.where(t32, gs64, gs))
         gu_, gs_ = solution(tpoints_, 0, beta, gamma, u0_, s0_)
         return _project(u, s, gu, gs, tpoints), _project(u, s, gu_, gs_, tpoints_)
 
@@ -220,7 +232,7 @@ def assign_timepoints(
         from .objective import switch_state
 
         u0_, s0_ = switch_state(t_, alpha, beta, gamma, fl)
-        f32 = {"alpha": fl.alpha, "beta": fl.beta, "gamma": fl.gamma,
+        f32 = {"alpha": fl.alpha, "beta": fl.beta, "gamma": fl.gamma, "t_": fl.t_,
                "u0": fl.alpha & fl.beta & fl.t_,
                "s0": fl.alpha & fl.beta & fl.gamma & fl.t_}  # fmt: skip
     tau, tau_ = assign_tau(u, s, alpha, beta, gamma, t_, u0_, s0_, assignment_mode, f32)

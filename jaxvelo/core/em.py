@@ -288,16 +288,41 @@ def update(
     def plain(_):
         return perform, p_new, t, tau, o, loss, cand.f32, cand.beta_int, no
 
+    def current():
+        """Upstream re-assigns the current parameters in the *current* mode (core ~334-336).
+        That equals the stored assignment unless the mode changed since it was made: the
+        switch to the final assignment mode (and full_projection's first fit stages)."""
+        fl_cur = _flags(state.f32, state.beta_int, no, state.ratio32)
+
+        def recompute():
+            t_c, tau_c, o_c = _time_sel(state, st, state.pars, modes, final, nbrs, cfg, refit,
+                                        fl_cur)  # fmt: skip
+            return t_c, tau_c, o_c, _se(st, t_c, state.pars, state.ratio, fl_cur), no
+
+        def stored():
+            return state.t, state.tau, state.o, loss_prev, state.t32
+
+        if not refit:
+            return stored()
+        if modes[0] is not None:
+            return recompute()
+        if isinstance(final, bool):
+            return recompute() if (final and modes[1] is not None) else stored()
+        if modes[1] is None:
+            return stored()
+        return jax.lax.cond(final, recompute, stored)
+
     def with_alt(_):
         on = state.o == 1
+        t_c, tau_c, o_c, loss_c, t32_c = current()
         p = jnp.where(perform, p_new, state.pars)
-        t_b = jnp.where(perform, t, state.t)
-        tau_b = jnp.where(perform, tau, state.tau)
-        o_b = jnp.where(perform, o, state.o)
-        loss_b = jnp.where(perform, loss, loss_prev)
+        t_b = jnp.where(perform, t, t_c)
+        tau_b = jnp.where(perform, tau, tau_c)
+        o_b = jnp.where(perform, o, o_c)
+        loss_b = jnp.where(perform, loss, loss_c)
         f32 = jnp.where(perform, cand.f32, state.f32)
         beta_int = jnp.where(perform, cand.beta_int, state.beta_int)
-        t32 = jnp.where(perform, no, state.t32)
+        t32 = jnp.where(perform, no, t32_c)
         alpha, beta, gamma, scaling, t_ = _vars(p)
 
         alt_t_ = jnp.max(jnp.where(on, t_b, -jnp.inf))

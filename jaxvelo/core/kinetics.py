@@ -149,6 +149,6 @@ def linspace(start: Array, stop: Array, num: int) -> Array:
     start = jnp.asarray(start)
     stop = jnp.asarray(stop)
     dt = jnp.result_type(start, stop, float(num))
-    step = (stop - start) / (num - 1)
+    step = true_divide(stop - start, num - 1)  # XLA would multiply by 1 / (num - 1)
     y = jnp.arange(num, dtype=dt) * step + start
     return y.at[-1].set(stop).astype(dt)
