@@ -105,7 +105,7 @@ def _cmd_demo(args) -> int:
     from jaxvelo.concordance import compare
 
     adata, label = _load_demo_data(args)
-    print(f"dataset: {label}: {adata.n_obs} cells x {adata.n_vars} genes")
+    print(f"dataset: {label} -> {adata.n_obs} cells x {adata.n_vars} genes after preprocessing")
     kw = _kwargs(args)
     kw.pop("batch_size")
     ref = adata.copy()

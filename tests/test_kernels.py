@@ -168,7 +168,9 @@ def test_assign_timepoints_matches_compute_divergence(mode, connected, steady):
 def test_assign_timepoints_vmap_equals_loop():
     n = 300
     u, s = _cells(11, n)
-    pars = np.array([[2.0, 0.8, 1.3, 1.4, 6.0], [1.0, 1.5, 0.4, 0.9, 3.0], [0.5, 0.3, 0.2, 1.0, 9.0]])
+    pars = np.array(
+        [[2.0, 0.8, 1.3, 1.4, 6.0], [1.0, 1.5, 0.4, 0.9, 3.0], [0.5, 0.3, 0.2, 1.0, 9.0]]
+    )
 
     def one(p):
         return assign.assign_timepoints(jnp.asarray(u) / p[3], jnp.asarray(s), p[0], p[1], p[2],

@@ -191,7 +191,7 @@ def _flags(f32, beta_int, t32, ratio32) -> obj.Flags:
                      t_=f32[T_], scaling=f32[SCALING], t=t32, ratio=ratio32)  # fmt: skip
 
 
-def _se(st: Static, t, p, ratio, fl: obj.Flags = obj.Flags()):
+def _se(st: Static, t, p, ratio, fl: obj.Flags = obj.NO_FLAGS):
     return obj.se(t, st.u, st.s, st.w, _vars(p), st.std_u, st.std_s, ratio, fl)
 
 
@@ -425,7 +425,9 @@ def _initial_values(gd: GeneData, cfg: FitConfig, init_vals):
     cu, cs = weights_g * u_ws, weights_g * s_w
     gamma = pairwise_sum(cs * cu, nw) / pairwise_sum(cs**2, nw) + 1e-6
     gamma = jnp.where(
-        gamma < 0.05 / scaling, gamma * 1.2, jnp.where(gamma > 1.5 / scaling, true_divide(gamma, 1.2), gamma)
+        gamma < 0.05 / scaling,
+        gamma * 1.2,
+        jnp.where(gamma > 1.5 / scaling, true_divide(gamma, 1.2), gamma),
     )
     u_inf = np_mean(*compact(u_ws, weights_u | weights_s))
     s_inf = np_mean(*compact(s_w, weights_s))
@@ -550,8 +552,8 @@ def fit_gene(gd: GeneData, nbrs: Neighbors | None, cfg: FitConfig, init_vals=Non
     # The first time assignment runs in the data dtype: all float32 for float32 moments
     # (PARITY.md, docs/upstream_precision.md section 1).
     alpha, beta, gamma, t_, scaling, std_u, std_s = iv["native"]
-    a = assign_timepoints(true_divide(gd.u, scaling), gd.s, alpha, beta, gamma, scaling, t_, std_u, std_s,
-                          nbrs, None, cfg.fit_steady_states)  # fmt: skip
+    a = assign_timepoints(true_divide(gd.u, scaling), gd.s, alpha, beta, gamma, scaling, t_,
+                          std_u, std_s, nbrs, None, cfg.fit_steady_states)  # fmt: skip
     a = Assignment(*(x.astype(f64) if x.dtype != jnp.int32 else x for x in a))
     is32 = gd.u.dtype == jnp.float32 and init_vals is None
     data32 = jnp.asarray(gd.u.dtype == jnp.float32)

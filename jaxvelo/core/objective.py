@@ -50,6 +50,9 @@ class Flags(NamedTuple):
     ratio: Array | bool = False  # steady_state_ratio is float32
 
 
+NO_FLAGS = Flags()  # everything float64
+
+
 def r32(x: Array, flag) -> Array:
     """``x`` rounded to float32 where ``flag`` (one float32 operation, emulated)."""
     return jnp.where(flag, x.astype(jnp.float32).astype(x.dtype), x)
@@ -94,7 +97,7 @@ def dists(
     std_u: Array,
     std_s: Array,
     ratio: Array,
-    fl: Flags = Flags(),
+    fl: Flags = NO_FLAGS,
 ) -> tuple[Array, Array, Array]:
     """``BaseDynamics.get_dists`` on already selected cells: ``(udiff, sdiff, reg)``.
 
@@ -136,7 +139,7 @@ def _gathered(sub: Subset, *arrays: Array) -> list[Array]:
     return [a[sub.idx] for a in arrays]
 
 
-def se(t, u, s, sub: Subset, pars, std_u, std_s, ratio, fl: Flags = Flags()) -> Array:
+def se(t, u, s, sub: Subset, pars, std_u, std_s, ratio, fl: Flags = NO_FLAGS) -> Array:
     """``get_se``: ``np.sum(udiff**2 + sdiff**2 + reg**2)`` over the weighted cells.
 
     ``pars = (alpha, beta, gamma, scaling, t_)``.
@@ -151,7 +154,7 @@ def se(t, u, s, sub: Subset, pars, std_u, std_s, ratio, fl: Flags = Flags()) -> 
     return pairwise_sum(distx, sub.n)
 
 
-def mse(t, u, s, sub: Subset, pars, std_u, std_s, ratio, fl: Flags = Flags()) -> Array:
+def mse(t, u, s, sub: Subset, pars, std_u, std_s, ratio, fl: Flags = NO_FLAGS) -> Array:
     """``get_mse``: the mean of :func:`se`'s terms (``np.mean`` = pairwise sum / count)."""
     return true_divide(se(t, u, s, sub, pars, std_u, std_s, ratio, fl), sub.n)
 
@@ -161,7 +164,7 @@ def _masked_mean(x: Array, n: Array) -> Array:
 
 
 def loglikelihood(
-    t, u, s, sub: Subset, pars, std_u, std_s, ratio, n_obs: int, fl: Flags = Flags()
+    t, u, s, sub: Subset, pars, std_u, std_s, ratio, n_obs: int, fl: Flags = NO_FLAGS
 ) -> Array:
     """``get_loglikelihood(weighted="upper")`` with ``noise_model="normal"`` (utils ~1110-1135).
 
@@ -185,13 +188,13 @@ def loglikelihood(
 
 
 def likelihood(
-    t, u, s, sub: Subset, pars, std_u, std_s, ratio, n_obs: int, fl: Flags = Flags()
+    t, u, s, sub: Subset, pars, std_u, std_s, ratio, n_obs: int, fl: Flags = NO_FLAGS
 ) -> Array:
     """``get_likelihood``: ``exp(get_loglikelihood(weighted="upper"))``."""
     return jnp.exp(loglikelihood(t, u, s, sub, pars, std_u, std_s, ratio, n_obs, fl))
 
 
-def variance(t, u, s, sub: Subset, pars, std_u, std_s, ratio, fl: Flags = Flags()) -> Array:
+def variance(t, u, s, sub: Subset, pars, std_u, std_s, ratio, fl: Flags = NO_FLAGS) -> Array:
     """``get_variance(weighted="upper")``: ``mean(distx) - mean(sign(sdiff) sqrt(distx))**2``
     with ``distx`` *without* the regularisation term (utils ~1177)."""
     alpha, beta, gamma, scaling, t_ = pars
