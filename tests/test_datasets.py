@@ -104,7 +104,7 @@ def test_shared_data_path_walks_up_from_cwd(monkeypatch, tmp_path):
     work.mkdir(parents=True)
     monkeypatch.chdir(work)
     # pretend the package lives somewhere without a shared/ above it
-    elsewhere = tmp_path.parent / f"{tmp_path.name}-pkg" / "jaxvelo"
+    elsewhere = Path("/nonexistent-jaxvelo-pkg") / "jaxvelo"  # no shared/ above it
     monkeypatch.setattr(datasets, "__file__", str(elsewhere / "datasets.py"))
     assert datasets.shared_data_path() == target
     # and from the package's location when cwd has nothing

@@ -34,13 +34,15 @@ def test_solution_matches_splicing_dynamics(alpha, beta, gamma, u0, s0):
     ref = SplicingDynamics(alpha=alpha, beta=beta, gamma=gamma, initial_state=[u0, s0])
     ru, rs = ref.get_solution(t, stacked=False)
     ju, js = kinetics.solution(jnp.asarray(t), alpha, beta, gamma, u0, s0)
+    # XLA's float64 exp and numpy's differ in the last bit; with gamma close to beta the
+    # term c * (exps - expu) cancels and magnifies that (hence 1e-12, not 1e-14)
     np.testing.assert_allclose(np.asarray(ju), ru, rtol=1e-14, atol=1e-15)
-    np.testing.assert_allclose(np.asarray(js), rs, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(js), rs, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(
         np.asarray(kinetics.spliced(jnp.asarray(t), s0, u0, alpha, beta, gamma)),
         up.spliced(t, s0, u0, alpha, beta, gamma),
-        rtol=1e-14,
-        atol=1e-14,
+        rtol=1e-12,
+        atol=1e-12,
     )
 
 

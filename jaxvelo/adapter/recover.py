@@ -231,6 +231,14 @@ def recover_dynamics(
         X = _dense(_layer(adata, skey)[:, cols])
         var_names = var_names[np.argsort(np.sum(X, 0))[::-1][:n_top_genes]]
 
+    if return_model is None and len(var_names) < 5:
+        # upstream's default (core ~528) returns the last gene's DynamicsRecovery here
+        logger.warning(
+            "fewer than 5 genes: scVelo would return the last gene's model "
+            "(return_model defaults to True there); jaxvelo writes the results to the "
+            "AnnData and returns %s (return_model is not supported yet).",
+            "the copy" if copy else "None",
+        )
     cols = adata.var_names.get_indexer(var_names)
     u = _extract(adata, ukey, cols)
     s = _extract(adata, skey, cols)

@@ -15,11 +15,7 @@ from jax import Array
 from .kinetics import linspace, solution, tau_inv
 from .numerics import fma_barrier, np_percentile_masked, true_divide
 from .numerics import fma_barrier as fb
-
-
-def r32(x: Array, flag) -> Array:
-    """``x`` rounded to float32 where ``flag`` (one numpy float32 operation, emulated)."""
-    return jnp.where(flag, x.astype(jnp.float32).astype(x.dtype), x)
+from .numerics import round32 as r32
 
 
 class Neighbors(NamedTuple):
@@ -110,7 +106,9 @@ def assign_tau(
         t0 = tau_inv(u_min, u0=u0_, alpha=0, beta=beta)
         tpoints = linspace(0, t_, num)
         tpoints_ = linspace(0, t0, num)[1:]
-        gu, gs = solution(tpoints, alpha, beta, gamma)
+        f_on = None if f32 is None else {**f32, "u0": True, "s0": True}
+        f_off = None if f32 is None else {**f32, "alpha": True}
+        gu, gs = solution(tpoints, alpha, beta, gamma, f32=f_on)
         if f32 is not None and tpoints.dtype == jnp.float64:
             # utils ~193: np.linspace(0, t_) is float32 for a float32 t_, and so are the
             # assigned times; with float32 rates the 'on' curve is float32 too.
@@ -119,11 +117,11 @@ def assign_tau(
             tp32 = linspace(jnp.asarray(0, f), t_.astype(f), num)
             all32 = t32 & f32["alpha"] & f32["beta"] & f32["gamma"]
             gu32, gs32 = solution(tp32, alpha.astype(f), beta.astype(f), gamma.astype(f))
-            gu64, gs64 = solution(tp32.astype(tpoints.dtype), alpha, beta, gamma)
+            gu64, gs64 = solution(tp32.astype(tpoints.dtype), alpha, beta, gamma, f32=f_on)
             tpoints = jnp.where(t32, tp32.astype(tpoints.dtype), tpoints)
             gu = jnp.where(all32, gu32.astype(gu.dtype), jnp.where(t32, gu64, gu))
             gs = jnp.where(all32, gs32.astype(gs.dtype), jnp.where(t32, gs64, gs))
-        gu_, gs_ = solution(tpoints_, 0, beta, gamma, u0_, s0_)
+        gu_, gs_ = solution(tpoints_, 0, beta, gamma, u0_, s0_, f32=f_off)
         return _project(u, s, gu, gs, tpoints), _project(u, s, gu_, gs_, tpoints_)
 
     if assignment_mode not in projection_modes:
@@ -241,8 +239,10 @@ def assign_timepoints(
         std_u = r32(std_u, fl.t & fl.scaling)  # float32 std_u / float32 scaling
 
     # constraint_time_increments (utils ~284-302)
-    ut, st = solution(tau, alpha, beta, gamma)
-    ut_, st_ = solution(tau_, 0, beta, gamma, u0_, s0_)
+    f_on = None if f32 is None else {**f32, "u0": True, "s0": True}  # ints 0
+    f_off = None if f32 is None else {**f32, "alpha": True}  # alpha = 0 (int)
+    ut, st = solution(tau, alpha, beta, gamma, f32=f_on)
+    ut_, st_ = solution(tau_, 0, beta, gamma, u0_, s0_, f32=f_off)
     distu, distu_ = true_divide(u - ut, std_u), true_divide(u - ut_, std_u)
     dists, dists_ = true_divide(s - st, std_s), true_divide(s - st_, std_s)
     rows2 = [fb(distu_**2) + fb(dists_**2), fb(distu**2) + fb(dists**2)]
@@ -250,8 +250,8 @@ def assign_timepoints(
     on = res[1] < res[0]  # np.argmin over 2 rows: ties go to row 0 ('off')
     tau, tau_ = adjust_increments(tau, on, tau_, ~on)
 
-    ut, st = solution(tau, alpha, beta, gamma)
-    ut_, st_ = solution(tau_, 0, beta, gamma, u0_, s0_)
+    ut, st = solution(tau, alpha, beta, gamma, f32=f_on)
+    ut_, st_ = solution(tau_, 0, beta, gamma, u0_, s0_, f32=f_off)
     distu, distu_ = true_divide(u - ut, std_u), true_divide(u - ut_, std_u)
     dists, dists_ = true_divide(s - st, std_s), true_divide(s - st_, std_s)
     distx = fb(distu**2) + fb(dists**2)

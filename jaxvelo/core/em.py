@@ -29,6 +29,7 @@ from .numerics import (
     test_bimodality,
     true_divide,
 )
+from .numerics import round32 as r32
 
 ALPHA, BETA, GAMMA, T_, SCALING = range(5)
 PAR_NAMES = ("alpha", "beta", "gamma", "t_", "scaling")
@@ -142,11 +143,6 @@ class GeneResult(NamedTuple):
     steady_u: Array
     steady_s: Array
 
-
-def r32(x: Array, flag: Array) -> Array:
-    """``x`` rounded to float32 where ``flag``: one numpy float32 operation emulated in
-    float64 (exact for + - * / since 53 >= 2 * 24 + 2, so double rounding is innocuous)."""
-    return jnp.where(flag, x.astype(jnp.float32).astype(x.dtype), x)
 
 
 def _c32(state: EMState, i: int) -> Array:

@@ -13,6 +13,7 @@ from jax import Array
 
 from .npmath import np_exp32, np_log32
 from .numerics import fma_barrier as fb
+from .numerics import round32 as _r32
 from .numerics import true_divide
 
 
@@ -55,27 +56,38 @@ def spliced(tau: Array, s0: Array, u0: Array, alpha: Array, beta: Array, gamma: 
 
 
 def solution(
-    t: Array, alpha: Array, beta: Array, gamma: Array, u0: Array = 0, s0: Array = 0
+    t: Array,
+    alpha: Array,
+    beta: Array,
+    gamma: Array,
+    u0: Array = 0,
+    s0: Array = 0,
+    f32: dict | None = None,
 ) -> tuple[Array, Array]:
     """``SplicingDynamics(alpha, beta, gamma, [u0, s0]).get_solution(t, stacked=False)``.
 
     Port of ``scvelo/core/_models.py`` ``get_solution``: note the order ``expu`` then ``exps``
     and ``c`` computed after ``unspliced`` (same values as :func:`spliced`).
+
+    ``f32`` optionally marks scalar arguments that are numpy float32 upstream (keys
+    ``alpha, beta, gamma, u0, s0``): the scalar-only sub-expressions (``alpha / beta``,
+    ``alpha / gamma``, ``gamma - beta``, ``c``) are then rounded to float32 as NumPy 2
+    computes them before they meet the float64 time array.
     """
+    f = f32 or {}
+    a, b, g = f.get("alpha", False), f.get("beta", False), f.get("gamma", False)
+    fu0 = f.get("u0", False)
+    on = (lambda flag: flag) if f else (lambda flag: None)
     # fb(): no fused multiply-add where numpy rounds the product (XLA contracts a*b + c)
     expu = _exp(-beta * t)
     exps = _exp(-gamma * t)
-    u = fb(u0 * expu) + fb(alpha / beta * (1 - expu))
-    c = (alpha - fb(u0 * beta)) * invert(gamma - beta)
-    s = fb(s0 * exps) + fb(alpha / gamma * (1 - exps)) + fb(c * (exps - expu))
+    u = fb(u0 * expu) + fb(_r32(alpha / beta, on(a & b)) * (1 - expu))
+    gb = on(g & b)
+    inv = _r32(invert(_r32(gamma - beta, gb)), gb)
+    u0b = _r32(u0 * beta, on(fu0 & b))
+    c = _r32(_r32(alpha - fb(u0b), on(a & fu0 & b)) * inv, on(a & fu0 & g & b))
+    s = fb(s0 * exps) + fb(_r32(alpha / gamma, on(a & g)) * (1 - exps)) + fb(c * (exps - expu))
     return u, s
-
-
-def _r32(x, flag):
-    if flag is None or flag is False:
-        return x
-    x = jnp.asarray(x)
-    return jnp.where(flag, x.astype(jnp.float32).astype(x.dtype), x)
 
 
 def tau_inv(

@@ -93,6 +93,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .numerics import round32 as _r32
+
 __all__ = [
     "NMOptions",
     "NMResult",
@@ -393,17 +395,6 @@ def _div_small_int(s: jax.Array, n: int) -> jax.Array:
     q = jnp.where(small, q * 2.0**-200, jnp.where(big, q * 2.0**8, q))
     return q.astype(s.dtype)
 
-
-def _r32(x: jax.Array, flag: jax.Array) -> jax.Array:
-    """``x`` rounded to float32 where ``flag`` (float64 simplices only).
-
-    One numpy float32 operation on float32 operands equals the float64 operation
-    rounded to float32 for ``+ - * /`` (53 >= 2 * 24 + 2: double rounding is
-    innocuous), so rounding after each vertex operation reproduces a float32 run.
-    """
-    if x.dtype != jnp.float64:
-        return x
-    return jnp.where(flag, x.astype(jnp.float32).astype(jnp.float64), x)
 
 
 def _centroid(head: jax.Array, round32: jax.Array | bool = False) -> jax.Array:

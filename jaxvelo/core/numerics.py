@@ -62,6 +62,7 @@ __all__ = [
     "bimodality_from_kde",
     "test_bimodality",
     "true_divide",
+    "round32",
 ]
 
 #: numpy/_core/src/umath/loops_utils.h.src: ``#define PW_BLOCKSIZE 128``.
@@ -95,6 +96,20 @@ def fma_barrier(p: jax.Array) -> jax.Array:
     """
     p = jnp.asarray(p)
     return jnp.where(p == p, p, jnp.asarray(jnp.nan, p.dtype))
+
+
+def round32(x: jax.Array, flag) -> jax.Array:
+    """``x`` rounded to float32 where ``flag``: one numpy float32 operation emulated in float64.
+
+    For ``+ - * /`` (and sqrt) on float32 operands, the float64 result rounded to float32
+    equals numpy's float32 result (53 >= 2 * 24 + 2, so double rounding is innocuous). Lets
+    genes of one batch follow different float32/float64 paths, as upstream's do. A no-op for
+    non-float64 ``x`` and for ``flag`` None/False.
+    """
+    x = jnp.asarray(x)
+    if flag is None or flag is False or x.dtype != jnp.float64:
+        return x
+    return jnp.where(flag, x.astype(jnp.float32).astype(jnp.float64), x)
 
 
 def true_divide(a: jax.Array, b: jax.Array | float) -> jax.Array:

@@ -17,6 +17,7 @@ from jax import Array
 from .npmath import np_exp32
 from .numerics import fma_barrier as fb
 from .numerics import pairwise_sum, true_divide
+from .numerics import round32 as r32
 
 
 class Subset(NamedTuple):
@@ -52,10 +53,6 @@ class Flags(NamedTuple):
 
 NO_FLAGS = Flags()  # everything float64
 
-
-def r32(x: Array, flag) -> Array:
-    """``x`` rounded to float32 where ``flag`` (one float32 operation, emulated)."""
-    return jnp.where(flag, x.astype(jnp.float32).astype(x.dtype), x)
 
 
 def exp_r32(x: Array, flag) -> Array:
