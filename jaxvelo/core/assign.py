@@ -231,6 +231,7 @@ def assign_timepoints(
 
         u0_, s0_ = switch_state(t_, alpha, beta, gamma, fl)
         f32 = {"alpha": fl.alpha, "beta": fl.beta, "gamma": fl.gamma, "t_": fl.t_,
+               "u32": fl.t & fl.scaling, "s32": fl.t,
                "u0": fl.alpha & fl.beta & fl.t_,
                "s0": fl.alpha & fl.beta & fl.gamma & fl.t_}  # fmt: skip
     tau, tau_ = assign_tau(u, s, alpha, beta, gamma, t_, u0_, s0_, assignment_mode, f32)
@@ -265,14 +266,18 @@ def assign_timepoints(
             distx_steady_ = fb(true_divide(u, std_u) ** 2) + fb(true_divide(s, std_s) ** 2)
         else:
             d32 = fl.t  # float32 data (s) and std_s
-            ag = fl.alpha & fl.gamma
+            u32 = fl.t & fl.scaling  # u / scaling and std_u / scaling are float32 too
+            ag, ab = fl.alpha & fl.gamma, fl.alpha & fl.beta
             s_inf = r32(s_inf, ag)
-            u_inf = r32(u_inf, fl.alpha & fl.beta)
+            u_inf = r32(u_inf, ab)
             ds = r32(s - s_inf, d32 & ag)
             sq_s = r32(r32(true_divide(ds, std_s), d32 & ag) ** 2, d32 & ag)
-            distx_steady = fb(true_divide(u - u_inf, std_u) ** 2) + fb(sq_s)
+            du = r32(u - u_inf, u32 & ab)
+            sq_u = r32(r32(true_divide(du, std_u), u32 & ab) ** 2, u32 & ab)
+            distx_steady = r32(fb(sq_u) + fb(sq_s), u32 & ab & d32 & ag)
             sq_s_ = r32(r32(true_divide(s, std_s), d32) ** 2, d32)
-            distx_steady_ = fb(true_divide(u, std_u) ** 2) + fb(sq_s_)
+            sq_u_ = r32(r32(true_divide(u, std_u), u32) ** 2, u32)
+            distx_steady_ = r32(fb(sq_u_) + fb(sq_s_), u32 & d32)
         rows = jnp.stack([distx_, distx, distx_steady_, distx_steady])
     else:
         rows = jnp.stack([distx_, distx])

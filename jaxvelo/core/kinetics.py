@@ -9,6 +9,7 @@ float32 exactly as NumPy 2 (NEP 50) keeps them in upstream.
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 
 from .npmath import np_exp32, np_log32
@@ -37,9 +38,19 @@ def invert(x: Array) -> Array:
     return jnp.where(x != 0, 1 / x, jnp.nan).astype(jnp.result_type(x, 1.0))
 
 
-def clipped_log(x: Array, lb: float = 0, ub: float = 1, eps: float = 1e-6) -> Array:
-    """``log(clip(x, lb + eps, ub - eps))`` (``scvelo.core._arithmetic.clipped_log``)."""
-    return _log(jnp.clip(x, lb + eps, ub - eps))
+def clipped_log(
+    x: Array, lb: float = 0, ub: float = 1, eps: float = 1e-6, f32: Array | None = None
+) -> Array:
+    """``log(clip(x, lb + eps, ub - eps))`` (``scvelo.core._arithmetic.clipped_log``).
+
+    ``f32`` (float64 ``x`` only): where set, ``x`` is a numpy float32 array upstream, so the
+    Python-float bounds become float32 and numpy's float32 log applies.
+    """
+    y = _log(jnp.clip(x, lb + eps, ub - eps))
+    if f32 is None or jnp.asarray(x).dtype != jnp.float64:
+        return y
+    lo, hi = float(np.float32(lb + eps)), float(np.float32(ub - eps))
+    return jnp.where(f32, np_log32(jnp.clip(x, lo, hi)), y)
 
 
 def unspliced(tau: Array, u0: Array, alpha: Array, beta: Array) -> Array:
@@ -114,23 +125,27 @@ def tau_inv(
     f = f32 or {}
     a, b, g = f.get("alpha", False), f.get("beta", False), f.get("gamma", False)
     fu0, fs0 = f.get("u0", False), f.get("s0", False)
-    uinf = _r32(alpha / beta, a & b if f else None)
-    tau_u = _r32(-1 / beta, b if f else None) * clipped_log(
-        true_divide(u - uinf, _r32(u0 - uinf, (fu0 & a & b) if f else None))
-    )
+    # the arrays u and s themselves are float32 upstream (float32 u / float32 scaling)
+    u32, s32 = f.get("u32", False), f.get("s32", False)
+    on = (lambda flag: flag) if f else (lambda flag: None)
+    uinf = _r32(alpha / beta, on(a & b))
+    q32 = u32 & a & b & fu0  # every operand of (u - uinf) / (u0 - uinf) is float32
+    num_u = _r32(u - uinf, on(u32 & a & b))
+    q = _r32(true_divide(num_u, _r32(u0 - uinf, on(fu0 & a & b))), on(q32))
+    tau_u = _r32(_r32(-1 / beta, on(b)) * clipped_log(q, f32=on(q32)), on(q32 & b))
     if s is None or gamma is None:
         return tau_u
-    gb = (g & b) if f else None
-    beta_ = _r32(beta * _r32(invert(_r32(gamma - beta, gb)), gb), gb)
-    ag = (a & g) if f else None
-    abg = (a & b & g) if f else None
-    prod = fb(_r32(beta_ * _r32(alpha / beta, (a & b) if f else None), abg))
-    xinf = _r32(_r32(alpha / gamma, ag) - prod, abg)
-    prod0 = fb(_r32(beta_ * u0, (gb & fu0) if f else None))
-    den = _r32(_r32(s0 - prod0, (gb & fu0 & fs0) if f else None) - xinf,
-               (abg & fu0 & fs0) if f else None)  # fmt: skip
-    num = s - fb(beta_ * u) - xinf
-    tau_us = _r32(-1 / gamma, g if f else None) * clipped_log(true_divide(num, den))
+    gb, ag, abg = g & b, a & g, a & b & g
+    beta_ = _r32(beta * _r32(invert(_r32(gamma - beta, on(gb))), on(gb)), on(gb))
+    prod = fb(_r32(beta_ * _r32(alpha / beta, on(a & b)), on(abg)))
+    xinf = _r32(_r32(alpha / gamma, on(ag)) - prod, on(abg))
+    prod0 = fb(_r32(beta_ * u0, on(gb & fu0)))
+    den = _r32(_r32(s0 - prod0, on(gb & fu0 & fs0)) - xinf, on(abg & fu0 & fs0))
+    n32 = s32 & u32 & gb
+    num = _r32(_r32(s - fb(_r32(beta_ * u, on(u32 & gb))), on(n32)) - xinf, on(n32 & abg))
+    d32 = n32 & abg & fu0 & fs0
+    tau_us = _r32(_r32(-1 / gamma, on(g)) * clipped_log(_r32(true_divide(num, den), on(d32)),
+                                                       f32=on(d32)), on(d32 & g))  # fmt: skip
     return jnp.where(gamma >= beta, tau_u, tau_us)
 
 
