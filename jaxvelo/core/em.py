@@ -220,13 +220,6 @@ def _select(ok, a, b):
     return jax.tree_util.tree_map(lambda x, y: jnp.where(ok, x, y), a, b)
 
 
-def _unspliced_c32(state: EMState, t_, t32, alpha, beta) -> Array:
-    """``unspliced(t_, 0, alpha, beta)`` on numpy scalars: float32 arithmetic when all of
-    ``t_``, ``alpha`` and ``beta`` are float32 (NEP 50 keeps scalar ops in float32)."""
-    a32, b32 = _c32(state, ALPHA), _c32(state, BETA)
-    expu = obj.exp_r32(r32(-beta * t_, b32 & t32), b32 & t32)
-    return r32(r32(alpha / beta, a32 & b32) * r32(1 - expu, b32 & t32), a32 & b32 & t32)
-
 
 class Candidate(NamedTuple):
     """Parameters proposed to ``update()`` with their numpy dtypes."""
@@ -331,8 +324,8 @@ def update(
         alt_t, alt_tau, alt_o = _time_sel(state, st, p_alt, modes, final, nbrs, cfg, refit,
                                           alt_fl)  # fmt: skip
         alt_loss = _se(st, alt_t, p_alt, state.ratio, alt_fl)
-        flags = state._replace(f32=f32, beta_int=beta_int)
-        ut_cur = _unspliced_c32(flags, t_, f32[T_], alpha, beta)
+        # unspliced(t_, 0, alpha, beta) on numpy scalars (float32 where they are)
+        ut_cur = obj.switch_state(t_, alpha, beta, gamma, _flags(f32, beta_int, no, no))[0]
         ut_alt = unspliced(p_alt[T_], 0, alpha, beta)
         min_loss = jnp.minimum(loss_b, loss_prev)
         take = try_alt & ((alt_loss * 0.99 <= min_loss) | (ut_cur * 0.99 < ut_alt))
