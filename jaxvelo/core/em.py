@@ -22,6 +22,7 @@ from .kinetics import linspace, tau_inv, unspliced
 from .nelder_mead import nelder_mead
 from .numerics import (
     compact,
+    fma_barrier,
     np_mean,
     np_percentile,
     np_std,
@@ -317,7 +318,9 @@ def update(
         alt_t_ = jnp.max(jnp.where(on, t_b, -jnp.inf))
         try_alt = jnp.any(on) & (0 < alt_t_) & (alt_t_ < t_)
         # core ~342: np.max(t) / len(t) is float32 for a float32 t; * np.sum(...) -> float64
-        alt_t_ = alt_t_ + r32(true_divide(jnp.max(t_b), cfg.n_obs), t32) * jnp.sum(t_b == t_)
+        # (the product is fenced: XLA would contract ``a + b * c`` into one FMA)
+        step = r32(true_divide(jnp.max(t_b), cfg.n_obs), t32) * jnp.sum(t_b == t_)
+        alt_t_ = alt_t_ + fma_barrier(step)
         # alt_t_ > 0 here, so get_vars keeps it
         p_alt = p.at[T_].set(jnp.where(try_alt, alt_t_, t_))
         alt_fl = _flags(f32.at[T_].set(False), beta_int, no, state.ratio32)
