@@ -145,7 +145,6 @@ class GeneResult(NamedTuple):
     steady_s: Array
 
 
-
 def _c32(state: EMState, i: int) -> Array:
     """Operand ``i`` keeps a float32 operation float32 (float32, or beta as Python int)."""
     return state.f32[i] | (state.beta_int if i == BETA else False)
@@ -219,7 +218,6 @@ def _commit(state: EMState, ok, p, t, tau, o, loss, f32, beta_int, t32) -> EMSta
 
 def _select(ok, a, b):
     return jax.tree_util.tree_map(lambda x, y: jnp.where(ok, x, y), a, b)
-
 
 
 class Candidate(NamedTuple):

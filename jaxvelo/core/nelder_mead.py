@@ -396,7 +396,6 @@ def _div_small_int(s: jax.Array, n: int) -> jax.Array:
     return q.astype(s.dtype)
 
 
-
 def _centroid(head: jax.Array, round32: jax.Array | bool = False) -> jax.Array:
     """``np.add.reduce(sim[:-1], 0) / N`` (l. 872), bit for bit.
 

@@ -54,7 +54,6 @@ class Flags(NamedTuple):
 NO_FLAGS = Flags()  # everything float64
 
 
-
 def exp_r32(x: Array, flag) -> Array:
     """``np.exp`` of a float64 or (where ``flag``) a numpy float32 value: numpy's float32
     exp is not correctly rounded, so its SIMD kernel is ported (:mod:`.npmath`)."""
