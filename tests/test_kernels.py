@@ -117,7 +117,7 @@ def test_smooth_matches_scipy_csr_dot():
     conn = _random_conn(250, 0)
     res = np.random.default_rng(1).random((4, 250))
     nb = neighbors_from_csr(conn.indptr, conn.indices, conn.data)
-    got = assign.smooth(assign.Neighbors(*map(jnp.asarray, nb)), jnp.asarray(res))
+    got = assign.smooth(jax.tree_util.tree_map(jnp.asarray, nb), jnp.asarray(res))
     np.testing.assert_array_equal(np.asarray(got), conn.dot(res.T).T)
 
 
@@ -136,10 +136,25 @@ def test_adjust_increments(seed, frac_on, n):
         exp_tau[on] = up.adjust_increments(tau[on])
     else:
         exp_tau_[off] = up.adjust_increments(tau_[off])
-    got, got_ = assign.adjust_increments(jnp.asarray(tau), jnp.asarray(on), jnp.asarray(tau_),
-                                         jnp.asarray(off))  # fmt: skip
-    np.testing.assert_array_equal(np.asarray(got), exp_tau)
-    np.testing.assert_array_equal(np.asarray(got_), exp_tau_)
+    args = (jnp.asarray(tau), jnp.asarray(on), jnp.asarray(tau_), jnp.asarray(off))
+    for impl in (assign.adjust_increments, assign._adjust_increments_xla):  # host and XLA
+        got, got_ = impl(*args)
+        np.testing.assert_array_equal(np.asarray(got), exp_tau)
+        np.testing.assert_array_equal(np.asarray(got_), exp_tau_)
+
+
+def test_adjust_increments_host_vmap_equals_xla():
+    rng = np.random.default_rng(3)
+    tau = np.round(rng.exponential(1.0, (7, 300)) ** 2, 3)
+    tau_ = np.round(rng.exponential(1.0, (7, 300)) ** 2, 3)
+    on = rng.random((7, 300)) < np.linspace(0, 1, 7)[:, None]  # all-off .. all-on genes
+    args = tuple(map(jnp.asarray, (tau, on, tau_, ~on)))
+    assert assign.use_host_kernels()  # CPU
+    with jax.enable_x64(True):
+        host = jax.jit(jax.vmap(assign.adjust_increments))(*args)
+        xla = jax.jit(jax.vmap(assign._adjust_increments_xla))(*args)
+    for h, x in zip(host, xla, strict=True):
+        np.testing.assert_array_equal(np.asarray(h), np.asarray(x))
 
 
 @pytest.mark.parametrize("mode", [None, "projection", "full_projection"])
@@ -159,7 +174,7 @@ def test_assign_timepoints_matches_compute_divergence(mode, connected, steady):
     nb = None
     if connected:
         nb = neighbors_from_csr(conn.indptr, conn.indices, conn.data)
-        nb = assign.Neighbors(*map(jnp.asarray, nb))
+        nb = jax.tree_util.tree_map(jnp.asarray, nb)
     got = assign.assign_timepoints(jnp.asarray(u) / scaling, jnp.asarray(s), alpha, beta, gamma,
                                    scaling, t_, std_u, std_s, nb, mode, steady)  # fmt: skip
     np.testing.assert_array_equal(np.asarray(got.o), ref_o)
@@ -182,3 +197,31 @@ def test_assign_timepoints_vmap_equals_loop():
     single = jax.jit(one)
     for i, p in enumerate(pars):
         np.testing.assert_array_equal(np.asarray(batched[i]), np.asarray(single(jnp.asarray(p))))
+
+
+def _ragged_conn(n: int, seed: int) -> sparse.csr_matrix:
+    """kNN-like graph with a long tail of high-degree rows (several degree buckets)."""
+    rng = np.random.default_rng(seed)
+    deg = np.minimum(rng.geometric(0.08, n) + 1, n)
+    rows = np.repeat(np.arange(n), deg)
+    cols = np.concatenate([rng.choice(n, d, replace=False) for d in deg])
+    A = sparse.csr_matrix((rng.random(len(rows)) + 0.1, (rows, cols)), shape=(n, n))
+    A = A.multiply(1.0 / A.sum(1)).tocsr().astype(np.float32)
+    return A
+
+
+@pytest.mark.parametrize("max_buckets", [1, 3, 6])
+def test_smooth_buckets_vmap_match_scipy(max_buckets):
+    conn = _ragged_conn(300, 5)
+    nb = neighbors_from_csr(conn.indptr, conn.indices, conn.data, max_buckets=max_buckets)
+    assert 1 <= len(nb.idx) <= max_buckets
+    assert sorted(np.concatenate(nb.rows).tolist()) == list(range(300))
+    res = np.random.default_rng(2).random((5, 6, 300))  # genes x rows x cells
+    nbj = jax.tree_util.tree_map(jnp.asarray, nb)
+    with jax.enable_x64(True):
+        batched = jax.jit(jax.vmap(lambda r: assign.smooth(nbj, r)))(jnp.asarray(res))
+        single = [jax.jit(lambda r: assign.smooth(nbj, r))(jnp.asarray(r)) for r in res]
+    for g in range(res.shape[0]):
+        expected = conn.dot(res[g].T).T
+        np.testing.assert_array_equal(np.asarray(batched[g]), expected)
+        np.testing.assert_array_equal(np.asarray(single[g]), expected)

@@ -443,3 +443,27 @@ def test_realistic_moments(moments_columns):
         for q in Q_LIST:
             assert_bitwise(j_pct_traced(xb, n, jnp.float64(q)), np.percentile(x, q))
         check_bimodality(x, rng)
+
+
+def test_where_lazy_matches_where_batched_and_unbatched():
+    from jaxvelo.core.numerics import where_lazy
+
+    calls = []
+
+    def fn(v):
+        calls.append(1)  # traced once per branch that evaluates fn
+        return jnp.sin(v) * 3
+
+    x = jnp.linspace(0.0, 1.0, 12).reshape(3, 4)
+    other = -jnp.ones((3, 4))
+    for flags in ([True, False, True], [False, False, False], [True, True, True]):
+        f = jnp.asarray(flags)
+        got = jax.jit(jax.vmap(lambda fl, v, o: where_lazy(fl, fn, v, o)))(f, x, other)
+        np.testing.assert_array_equal(got, jnp.where(f[:, None], fn(x), other))
+        # unbatched flag, batched operand; unbatched otherwise
+        got = jax.vmap(lambda v: where_lazy(f[0], fn, v, other[0]))(x)
+        np.testing.assert_array_equal(got, jnp.where(f[0], fn(x), other[0]))
+    for fl in (True, False):
+        got = jax.jit(lambda v, fl=fl: where_lazy(jnp.asarray(fl), fn, v, other))(x)
+        np.testing.assert_array_equal(got, fn(x) if fl else other)
+        assert where_lazy(fl, fn, x, other) is not None

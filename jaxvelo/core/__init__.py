@@ -1,1 +1,1 @@
-"""Numerical core of jaxvelo: imports jax and numpy only, never AnnData."""
+"""Numerical core of jaxvelo: jax and numpy (numba for the CPU custom call), never AnnData."""

@@ -6,6 +6,7 @@ All functions act on one gene; cells are a fixed axis and ragged subsets are mas
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import jax
@@ -17,37 +18,79 @@ from .numerics import fma_barrier, np_percentile_masked, true_divide
 from .numerics import fma_barrier as fb
 from .numerics import round32 as r32
 
+_UNROLL = 8  # loop bodies per while-loop iteration in the per-cell loops
+
 
 class Neighbors(NamedTuple):
-    """Row-normalised kNN connectivities as padded neighbour lists.
+    """Row-normalised kNN connectivities as padded neighbour lists grouped by degree.
 
-    ``scvelo.preprocessing.neighbors.get_connectivities`` as CSR: row ``i`` has entries
-    ``val[i, k]`` at columns ``idx[i, k]`` for ``k < nnz_i`` in CSR storage order; padding
-    has ``val == 0`` and ``idx == i``.
+    ``scvelo.preprocessing.neighbors.get_connectivities`` as CSR, rows split into buckets
+    of similar degree (:func:`jaxvelo.core.batch.neighbors_from_csr`): in bucket ``b``,
+    row ``rows[b][i]`` has entries ``val[b][i, k]`` at columns ``idx[b][i, k]`` for
+    ``k < nnz`` in CSR storage order; padding has ``val == 0`` and ``idx`` = the row.
+    ``inv`` maps each cell to its position in ``concatenate(rows)``.
     """
 
-    idx: Array  # (n_obs, K) int32
-    val: Array  # (n_obs, K) float32, as upstream casts the connectivities
+    rows: tuple  # per bucket (n_b,) int32
+    idx: tuple  # per bucket (n_b, K_b) int32
+    val: tuple  # per bucket (n_b, K_b) float32, as upstream casts the connectivities
+    inv: Array  # (n_obs,) int32
+
+
+def _smooth_cells_first(nbrs: Neighbors, x: Array) -> Array:
+    """``connectivities.dot(x)`` for ``x`` of shape (n_obs, C), C contiguous columns.
+
+    scipy's ``csr_matvecs`` accumulates ``y += a * x`` row by row in CSR order, starting
+    from zero, in the upcast dtype of (float32 connectivities, x). The loop over a
+    bucket's neighbour slots keeps that summation order for every row; padding adds
+    ``0 * x = +0``, which leaves a sum of non-negative terms unchanged. Each step gathers
+    whole rows of ``x`` (C = genes x rows under ``vmap``), which vectorises.
+    """
+    dtype = jnp.result_type(nbrs.val[0], x)
+    outs = []
+    for idx, val in zip(nbrs.idx, nbrs.val, strict=True):
+        v = val.astype(dtype)
+
+        def body(k, acc, idx=idx, v=v):
+            # XLA's CPU backend would contract ``acc + a * x`` into one fused multiply-add
+            # (one rounding where scipy rounds twice); the barrier keeps scipy's rounding.
+            return acc + fma_barrier(v[:, k, None] * x[idx[:, k]])
+
+        # scipy starts from y = 0: 0 + a * x is a * x (the terms are never -0 here:
+        # connectivities and squared distances are non-negative), which saves a memset.
+        first = fma_barrier(v[:, 0, None] * x[idx[:, 0]])
+        # unrolled: XLA:CPU pays a few microseconds per while-loop iteration
+        outs.append(jax.lax.fori_loop(1, idx.shape[1], body, first, unroll=_UNROLL))
+    return jnp.concatenate(outs)[nbrs.inv]
+
+
+@jax.custom_batching.custom_vmap
+def _smooth(nbrs: Neighbors, res: Array) -> Array:
+    return _smooth_cells_first(nbrs, res.T).T
+
+
+@_smooth.def_vmap
+def _smooth_batched(axis_size, in_batched, nbrs, res):
+    nb_batched, res_batched = in_batched
+    if any(jax.tree_util.tree_leaves(nb_batched)):
+        axes = (jax.tree_util.tree_map(lambda b: 0 if b else None, nb_batched),
+                0 if res_batched else None)  # fmt: skip
+        return jax.vmap(_smooth.fun, in_axes=axes)(nbrs, res), True
+    if not res_batched:
+        return _smooth(nbrs, res), False
+    # genes-contiguous layout: (genes, rows, cells) -> (cells, genes * rows)
+    g, r, n = res.shape
+    out = _smooth_cells_first(nbrs, res.reshape(g * r, n).T)
+    return out.T.reshape(g, r, n), True
 
 
 def smooth(nbrs: Neighbors | None, res: Array) -> Array:
-    """``connectivities.dot(res.T).T`` for ``res`` of shape (rows, n_obs).
-
-    scipy's ``csr_matvecs`` accumulates ``y += a * x`` row by row in CSR order, starting
-    from zero, in the upcast dtype of (float32 connectivities, res). The sequential loop
-    keeps that summation order.
-    """
+    """``connectivities.dot(res.T).T`` for ``res`` of shape (rows, n_obs), bitwise as
+    scipy. Under ``vmap`` over genes, all genes and rows are smoothed in one pass over
+    the neighbour lists (see :func:`_smooth_cells_first`)."""
     if nbrs is None:
         return res
-    val = nbrs.val.astype(jnp.result_type(nbrs.val, res))
-    K = nbrs.idx.shape[1]
-
-    def body(k, acc):
-        # XLA's CPU backend would contract ``acc + a * x`` into one fused multiply-add
-        # (one rounding where scipy rounds twice); the barrier keeps scipy's rounding.
-        return acc + fma_barrier(val[:, k] * res[:, nbrs.idx[:, k]])
-
-    return jax.lax.fori_loop(0, K, body, jnp.zeros_like(res))
+    return _smooth(nbrs, res)
 
 
 def _projection_grid_size(n_obs: int) -> int:
@@ -67,7 +110,8 @@ def _project(u: Array, s: Array, gu: Array, gs: Array, tpoints: Array) -> Array:
 
     best0 = fb((gu[0] - u) ** 2) + fb((gs[0] - s) ** 2)
     # np.argmin returns the first NaN; NaN distances do not occur for finite parameters.
-    _, arg = jax.lax.fori_loop(1, gu.shape[0], body, (best0, jnp.zeros(u.shape, jnp.int32)))
+    init = (best0, jnp.zeros(u.shape, jnp.int32))
+    _, arg = jax.lax.fori_loop(1, gu.shape[0], body, init, unroll=_UNROLL)
     return tpoints[arg]
 
 
@@ -165,15 +209,7 @@ def _subtract_gaps(x: Array, mask: Array, xs: Array, dx: Array, big: Array) -> A
     return x_new
 
 
-def adjust_increments(tau: Array, on: Array, tau_: Array, off: Array) -> tuple[Array, Array]:
-    """Masked port of ``_em_model_utils.adjust_increments`` as called in
-    ``compute_divergence`` (utils ~296-302).
-
-    Removes gaps larger than ``3 * np.percentile(gaps, 99.5)`` from the sorted times of the
-    'on' cells (``tau[on]``) and of the 'off' cells (``tau_[off]``); with both present the
-    threshold comes from the stacked gaps of both (utils ~145). Cells outside the masks keep
-    their values.
-    """
+def _adjust_increments_xla(tau: Array, on: Array, tau_: Array, off: Array):
     xs, dx, valid = _sorted_gaps(tau, on)
     xs_, dx_, valid_ = _sorted_gaps(tau_, off)
     any_on, any_off = jnp.any(on), jnp.any(off)
@@ -184,6 +220,56 @@ def adjust_increments(tau: Array, on: Array, tau_: Array, off: Array) -> tuple[A
     tau_new = _subtract_gaps(tau, on, xs, dx, valid & (dx > ub))
     tau_new_ = _subtract_gaps(tau_, off, xs_, dx_, valid_ & (dx_ > ub))
     return tau_new, tau_new_
+
+
+def use_host_kernels() -> bool:
+    """Whether sort-bound kernels run as numpy callbacks (CPU backend: XLA's CPU sort is
+    ~40x slower than numpy's) instead of XLA (GPU/TPU: no host round trip). Set
+    ``JAXVELO_HOST_KERNELS=0`` to force the XLA versions."""
+    if os.environ.get("JAXVELO_HOST_KERNELS", "1") == "0":
+        return False
+    return jax.default_backend() == "cpu"
+
+
+def adjust_increments(tau: Array, on: Array, tau_: Array, off: Array) -> tuple[Array, Array]:
+    """Masked port of ``_em_model_utils.adjust_increments`` as called in
+    ``compute_divergence`` (utils ~294-300).
+
+    Removes gaps larger than ``3 * np.percentile(gaps, 99.5)`` from the sorted times of the
+    'on' cells (``tau[on]``) and of the 'off' cells (``tau_[off]``); with both present the
+    threshold comes from the stacked gaps of both (utils ~145). Cells outside the masks keep
+    their values. On CPU this is a numba kernel called as an XLA custom call, once per gene
+    batch (:mod:`.host_kernels`); elsewhere the XLA port (:func:`_adjust_increments_xla`).
+    Both are tested bitwise against upstream's function.
+    """
+    if not use_host_kernels():
+        return _adjust_increments_xla(tau, on, tau_, off)
+    return _adjust_host(tau, on, tau_, off)
+
+
+def _adjust_call(tau: Array, on: Array, tau_: Array, off: Array) -> tuple[Array, Array]:
+    """The numba custom call on (genes, cells) arrays (:mod:`.host_kernels`)."""
+    from . import host_kernels
+
+    name = host_kernels.register(tau.dtype)
+    out = jax.ShapeDtypeStruct(tau.shape, tau.dtype)
+    call = jax.ffi.ffi_call(name, (out, out))
+    return call(tau, on.astype(bool), tau_.astype(tau.dtype), off.astype(bool))
+
+
+@jax.custom_batching.custom_vmap
+def _adjust_host(tau, on, tau_, off):
+    res = _adjust_call(tau[None], on[None], tau_[None], off[None])
+    return res[0][0], res[1][0]
+
+
+@_adjust_host.def_vmap
+def _adjust_host_batched(axis_size, in_batched, tau, on, tau_, off):
+    def full(x, b):
+        return x if b else jnp.broadcast_to(x, (axis_size, *x.shape))
+
+    args = [full(x, b) for x, b in zip((tau, on, tau_, off), in_batched, strict=True)]
+    return _adjust_call(*args), (True, True)
 
 
 class Assignment(NamedTuple):

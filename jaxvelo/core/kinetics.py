@@ -15,7 +15,7 @@ from jax import Array
 from .npmath import np_exp32, np_log32
 from .numerics import fma_barrier as fb
 from .numerics import round32 as _r32
-from .numerics import true_divide
+from .numerics import true_divide, where_lazy
 
 
 def _exp(x: Array) -> Array:
@@ -50,7 +50,7 @@ def clipped_log(
     if f32 is None or jnp.asarray(x).dtype != jnp.float64:
         return y
     lo, hi = float(np.float32(lb + eps)), float(np.float32(ub - eps))
-    return jnp.where(f32, np_log32(jnp.clip(x, lo, hi)), y)
+    return where_lazy(f32, lambda v: np_log32(jnp.clip(v, lo, hi)), x, y)
 
 
 def unspliced(tau: Array, u0: Array, alpha: Array, beta: Array) -> Array:

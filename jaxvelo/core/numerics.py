@@ -48,6 +48,7 @@ import numpy as np
 from jax import lax
 
 __all__ = [
+    "where_lazy",
     "PW_BLOCKSIZE",
     "compact",
     "fma_barrier",
@@ -110,6 +111,51 @@ def round32(x: jax.Array, flag) -> jax.Array:
     if flag is None or flag is False or x.dtype != jnp.float64:
         return x
     return jnp.where(flag, x.astype(jnp.float32).astype(jnp.float64), x)
+
+
+def where_lazy(flag, fn, x: jax.Array, otherwise: jax.Array) -> jax.Array:
+    """``jnp.where(flag, fn(x), otherwise)``, evaluating ``fn`` only when needed.
+
+    For the float32 emulation (e.g. numpy's float32 log on a float64 array): under
+    ``vmap`` over genes a per-gene ``flag`` would turn ``lax.cond`` into a select that
+    always pays for ``fn``. The batching rule instead branches once on "does any gene of
+    the batch need ``fn``", so batches without float32 operands skip it. The values are
+    those of ``jnp.where`` in every case.
+    """
+    if isinstance(flag, (bool, np.bool_)):
+        return fn(x) if flag else otherwise
+
+    @jax.custom_batching.custom_vmap
+    def lazy(flag, x, otherwise):
+        return lax.cond(flag, lambda: fn(x), lambda: otherwise)
+
+    @lazy.def_vmap
+    def _rule(axis_size, in_batched, flag, x, otherwise):
+        f_b, x_b, o_b = in_batched
+        fx = (lambda: jax.vmap(fn)(x)) if x_b else (lambda: fn(x))
+        out_b = x_b or o_b or f_b
+        rank = max(jnp.ndim(x) + (not x_b), jnp.ndim(otherwise) + (not o_b))
+
+        def both():
+            v, o = fx(), otherwise
+            if out_b:
+                v = v if x_b else jnp.broadcast_to(v, (axis_size, *v.shape))
+                o = o if o_b else jnp.broadcast_to(o, (axis_size, *o.shape))
+                f = flag if f_b else jnp.broadcast_to(flag, (axis_size,))
+                f = f.reshape((axis_size,) + (1,) * (rank - 1))
+                return jnp.where(f, v, o)
+            return jnp.where(flag, v, o)
+
+        def skip():
+            o = otherwise
+            if out_b and not o_b:
+                o = jnp.broadcast_to(o, (axis_size, *o.shape))
+            return o
+
+        pred = jnp.any(flag) if f_b else flag
+        return lax.cond(pred, both, skip), out_b
+
+    return lazy(jnp.asarray(flag, bool), x, otherwise)
 
 
 def true_divide(a: jax.Array, b: jax.Array | float) -> jax.Array:
