@@ -28,14 +28,15 @@ import jax
 import numpy as np
 
 from .assign import Neighbors, use_host_kernels
-from .em import FitConfig, GeneData, GeneResult, fit_gene
+from .em import FitConfig, GeneData, GeneResult, Loaded, fit_gene
 
 
 def _program(cfg: FitConfig, has_nbrs: bool, init_vals: tuple | None) -> Callable:
-    def one(gd, nbrs):
-        return fit_gene(gd, nbrs if has_nbrs else None, cfg, init_vals)
+    def one(gd, nbrs, ld):
+        return fit_gene(gd, nbrs if has_nbrs else None, cfg, init_vals, ld)
 
-    return jax.jit(jax.vmap(one, in_axes=(GeneData(0, 0, 0), None)))
+    ld_axes = Loaded(0, 0, 0, 0, 0) if cfg.load_pars else None
+    return jax.jit(jax.vmap(one, in_axes=(GeneData(0, 0, 0), None, ld_axes)))
 
 
 def cache_dir() -> Path | None:
@@ -61,13 +62,13 @@ def _spec(tree) -> list:
             for x in jax.tree_util.tree_leaves(tree)]  # fmt: skip
 
 
-def _key(cfg, has_nbrs, init_vals, host, gd, nb) -> str:
+def _key(cfg, has_nbrs, init_vals, host, gd, nb, ld) -> str:
     import jaxlib
 
     dev = jax.devices()[0]
     parts = (
         jax.__version__, jaxlib.__version__, dev.platform, getattr(dev, "device_kind", ""),
-        _core_hash(), repr(cfg), has_nbrs, init_vals, host, _spec(gd), _spec(nb),
+        _core_hash(), repr(cfg), has_nbrs, init_vals, host, _spec(gd), _spec(nb), _spec(ld),
         repr(jax.tree_util.tree_structure(nb)),
     )  # fmt: skip
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
@@ -76,18 +77,18 @@ def _key(cfg, has_nbrs, init_vals, host, gd, nb) -> str:
 _MEMORY: dict[str, Callable] = {}
 
 
-def _executable(cfg, has_nbrs, init_vals, gd, nb) -> Callable:
+def _executable(cfg, has_nbrs, init_vals, gd, nb, ld) -> Callable:
     """The compiled program for these arguments: from memory, from the disk cache, or
     traced and compiled (then stored)."""
     host = use_host_kernels()
-    key = _key(cfg, has_nbrs, init_vals, host, gd, nb)
+    key = _key(cfg, has_nbrs, init_vals, host, gd, nb, ld)
     if key in _MEMORY:
         return _MEMORY[key]
     if host:
         from . import host_kernels
 
         host_kernels.register_all()  # custom-call targets the program refers to by name
-    in_tree = jax.tree_util.tree_structure(((gd, nb), {}))
+    in_tree = jax.tree_util.tree_structure(((gd, nb, ld), {}))
     out_tree = jax.tree_util.tree_structure(GeneResult(*range(len(GeneResult._fields))))
     folder = cache_dir()
     path = None if folder is None else folder / f"{key}.xla"
@@ -100,7 +101,7 @@ def _executable(cfg, has_nbrs, init_vals, gd, nb) -> Callable:
         except Exception:  # a stale or truncated entry: recompile and overwrite
             fn = None
     if fn is None:
-        fn = _program(cfg, has_nbrs, init_vals).lower(gd, nb).compile()
+        fn = _program(cfg, has_nbrs, init_vals).lower(gd, nb, ld).compile()
         if path is not None:
             _store(path, fn)
     _MEMORY[key] = fn
@@ -190,8 +191,12 @@ def fit_genes(
     init_vals: tuple | None = None,
     progress: Callable[[int], None] | None = None,
     n_jobs: int = 1,
+    loaded: Loaded | None = None,
 ) -> dict[str, np.ndarray]:
     """Fit every gene (column) of ``u``/``s`` (cells x genes, data dtype kept).
+
+    ``loaded`` (with ``cfg.load_pars``): stored parameters per gene (leading gene axis;
+    ``t`` as cells x genes) to start from instead of the initialisation.
 
     Batches run on ``n_jobs`` threads at once (the compiled program releases the GIL);
     results do not depend on ``n_jobs`` or ``batch_size``.
@@ -214,16 +219,28 @@ def fit_genes(
             s=np.ascontiguousarray(s[:, pad].T),
             prior=np.ascontiguousarray(prior_g[:, pad].T),
         )
-        return cols, gd
+        ld = None
+        if loaded is not None:
+            ld = Loaded(
+                pars=np.ascontiguousarray(np.asarray(loaded.pars, np.float64)[pad]),
+                t=np.ascontiguousarray(np.asarray(loaded.t, np.float64)[:, pad].T),
+                steady_u=np.asarray(loaded.steady_u, np.float64)[pad],
+                steady_s=np.asarray(loaded.steady_s, np.float64)[pad],
+                pval_steady=np.asarray(loaded.pval_steady, np.float64)[pad],
+            )
+        return cols, gd, ld
 
     with jax.enable_x64(True):
         nb = None if nbrs is None else jax.tree_util.tree_map(jax.numpy.asarray, nbrs)
-        fn = _executable(cfg, nbrs is not None, init_vals, batch(0)[1], nb)
+        if cfg.load_pars != (loaded is not None):
+            raise ValueError("`loaded` must be given exactly when cfg.load_pars is set.")
+        _, gd0, ld0 = batch(0)
+        fn = _executable(cfg, nbrs is not None, init_vals, gd0, nb, ld0)
 
         def run(start):
             with jax.enable_x64(True):  # thread-local: re-entered in worker threads
-                cols, gd = batch(start)
-                res = jax.device_get(fn(gd, nb))
+                cols, gd, ld = batch(start)
+                res = jax.device_get(fn(gd, nb, ld))
             if progress is not None:
                 progress(len(cols))
             return [np.asarray(v)[: len(cols)] for v in res]

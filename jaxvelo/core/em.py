@@ -18,7 +18,7 @@ from jax import Array
 
 from . import objective as obj
 from .assign import Assignment, Neighbors, assign_timepoints
-from .kinetics import linspace, tau_inv, unspliced
+from .kinetics import linspace, solution, tau_inv, unspliced
 from .nelder_mead import nelder_mead
 from .numerics import (
     compact,
@@ -55,6 +55,9 @@ class FitConfig:
         As upstream.
     high_pars_resolution
         Accept-if-improved update after every Nelder-Mead iteration (upstream callbacks).
+    load_pars
+        Start from stored parameters and times (:class:`Loaded`) instead of
+        ``initialize()`` (``DynamicsRecovery(load_pars=True)``, core ~22-27).
     perc
         Upper percentile of the cell weights (``BaseDynamics(perc=99)``).
     """
@@ -67,6 +70,7 @@ class FitConfig:
     fit_time: bool = True
     high_pars_resolution: bool = False
     perc: float = 99
+    load_pars: bool = False
 
     @property
     def nm_maxiter(self) -> int:
@@ -92,6 +96,16 @@ class GeneData(NamedTuple):
     u: Array  # (n_obs,)
     s: Array  # (n_obs,)
     prior: Array  # (n_obs,) bool steady-state prior (all False when None)
+
+
+class Loaded(NamedTuple):
+    """Stored results a fit starts from (``BaseDynamics.load_pars``, utils ~821-860)."""
+
+    pars: Array  # (5,) alpha, beta * scaling, gamma, t_, scaling (float64)
+    t: Array  # (n_obs,) latent time or the fit_t layer (or the ``fit_time`` key's values)
+    steady_u: Array  # ()
+    steady_s: Array  # ()
+    pval_steady: Array  # ()
 
 
 class EMState(NamedTuple):
@@ -292,7 +306,9 @@ def update(
 
         if not refit:
             return stored()
-        if modes[0] is not None:
+        if modes[0] is not None or cfg.load_pars:
+            # load_pars: the stored t is the loaded one, not an assignment of these
+            # parameters (utils ~851), so re-assign as upstream does
             return recompute()
         if isinstance(final, bool):
             return recompute() if (final and modes[1] is not None) else stored()
@@ -358,9 +374,18 @@ def _nm_stage(
     mode: str | None,
     tol: float | None,
     refit_objective: bool = True,
-) -> Candidate:
+    modes: tuple = (None, None),
+    final: Array | bool = False,
+) -> tuple[Candidate, EMState]:
     """One ``fit_*`` stage (core ~196-262): Nelder-Mead on ``get_mse`` over the parameters
-    ``idx``; returns the result as the candidate of the ``update()`` that follows."""
+    ``idx``; returns the result as the candidate of the ``update()`` that follows.
+
+    With ``high_pars_resolution`` upstream's ``cb_fit_*`` callbacks run ``update()`` with
+    the best vertex after every Nelder-Mead iteration (core ~266-306); the objective then
+    sees the updated state (e.g. a ``t_`` moved by the adjust-t_ alternative)."""
+    if cfg.high_pars_resolution:
+        return _nm_stage_cb(state, st, idx, nbrs, cfg, mode, tol, refit_objective, modes,
+                            final)  # fmt: skip
     x0 = state.pars[jnp.asarray(idx)]
     # np.array([...]) of numpy float32 scalars is float32; a Python int (beta) or any
     # float64 makes it float64, and scipy keeps x0's dtype for the simplex (PARITY.md).
@@ -377,7 +402,36 @@ def _nm_stage(
 
     tol_kw = {} if tol is None else {"xatol": tol, "fatol": tol}
     res, _ = nelder_mead(mse, x0, maxiter=cfg.nm_maxiter, round32=x32, **tol_kw)
-    return Candidate(_overlay(state, idx, res.x), f32_x, beta_int_x)
+    return Candidate(_overlay(state, idx, res.x), f32_x, beta_int_x), state
+
+
+def _nm_stage_cb(state, st, idx, nbrs, cfg, mode, tol, refit_objective, modes, final):
+    """:func:`_nm_stage` with upstream's per-iteration ``update()`` callbacks."""
+    x0 = state.pars[jnp.asarray(idx)]
+    x32 = jnp.all(state.f32[jnp.asarray(idx)])
+    refit = refit_objective and cfg.fit_time
+    f32_x = state.f32.at[jnp.asarray(idx)].set(x32)
+    beta_int_x = state.beta_int & (BETA not in idx)
+
+    def mse(x, cur):
+        fl = _flags(cur.f32.at[jnp.asarray(idx)].set(x32), cur.beta_int & (BETA not in idx),
+                    jnp.asarray(False) if refit else cur.t32, cur.ratio32)  # fmt: skip
+        p = _overlay(cur, idx, x)
+        t, _, _ = _time(cur, st, p, mode, nbrs, cfg, refit, fl)
+        return obj.mse(t, st.u, st.s, st.w, _vars(p), st.std_u, st.std_s, cur.ratio, fl)
+
+    def callback(x, cur):
+        # the simplex's dtype: scipy hands the callback a copy of sim[0]
+        cand = Candidate(_overlay(cur, idx, x), cur.f32.at[jnp.asarray(idx)].set(x32),
+                         cur.beta_int & (BETA not in idx))  # fmt: skip
+        return update(cur, st, cand, nbrs, cfg, modes, final, True)
+
+    tol_kw = {} if tol is None else {"xatol": tol, "fatol": tol}
+    res, state = nelder_mead(mse, x0, maxiter=cfg.nm_maxiter, round32=x32, callback=callback,
+                             cb_state=state, fun_uses_cb_state=True, **tol_kw)  # fmt: skip
+    del f32_x, beta_int_x
+    return Candidate(_overlay(state, idx, res.x), state.f32.at[jnp.asarray(idx)].set(x32),
+                     state.beta_int & (BETA not in idx)), state  # fmt: skip
 
 
 def _initial_values(gd: GeneData, cfg: FitConfig, init_vals):
@@ -398,6 +452,7 @@ def _initial_values(gd: GeneData, cfg: FitConfig, init_vals):
     w_upper = w & jnp.any(w) & (u > true_divide(u_max, 3)) & (s > true_divide(s_max, 3))
 
     std_u, std_s = np_std(u_w, nw), np_std(s_w, nw)
+    std_u_raw, std_s_raw = std_u.astype(jnp.float64), std_s.astype(jnp.float64)
     degenerate = (std_u == 0) | (std_s == 0)
     std_u = jnp.where(degenerate, 1, std_u).astype(std_u.dtype)
     std_s = jnp.where(degenerate, 1, std_s).astype(std_s.dtype)
@@ -446,6 +501,7 @@ def _initial_values(gd: GeneData, cfg: FitConfig, init_vals):
     return dict(
         native=(alpha, beta, gamma, t_, scaling, std_u, std_s), bimodal=bimodal,
         w=w, w_upper=w_upper, std_u=std_u.astype(f64), std_s=std_s.astype(f64),
+        std_u_raw=std_u_raw, std_s_raw=std_s_raw,
         # a float ``fit_scaling`` is a Python float: weak in ``u / scaling`` (float32
         # arithmetic) but stored exactly in ``pars`` (core ~45)
         pars=jnp.stack([alpha.astype(f64), beta.astype(f64), gamma.astype(f64), t_.astype(f64),
@@ -494,12 +550,13 @@ def _fit_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes) -> EM
 
     def alpha_try(state, j):  # fit_t_and_alpha, core ~202-204 (float64 candidates)
         p = state.pars.at[ALPHA].set(alpha0 + true_divide(lins[j] * alpha0, 10))
-        return Candidate(p, state.f32.at[ALPHA].set(False), state.beta_int)
+        return Candidate(p, state.f32.at[ALPHA].set(False), state.beta_int), state
 
-    def stage(idx, mode, tol, refit=True):
-        return lambda state, j: _nm_stage(state, st, idx, nbrs, cfg, mode, tol, refit)
+    def stage(idx, mode, tol, refit=True, final=False):
+        return lambda state, j: _nm_stage(state, st, idx, nbrs, cfg, mode, tol, refit, modes,
+                                          final)  # fmt: skip
 
-    branches = [alpha_try, lambda state, j: _same(state)]
+    branches = [alpha_try, lambda state, j: (_same(state), state)]
     steps: list[tuple[int, int, bool, bool]] = []  # (branch, arg, final, adjust_t_)
     if cfg.max_iter > 0:
         steps += [(0, j, False, True) for j in range(5)]
@@ -512,7 +569,8 @@ def _fit_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes) -> EM
             branches.append(stage(idx, mode, tol))
             steps.append((len(branches) - 1, 0, False, True))
         steps.append((1, 0, True, False))  # update(adjust_t_=False) in the final mode
-        branches.append(stage((T_, ALPHA, BETA, GAMMA), final_mode, 1e-2, refit=False))
+        branches.append(stage((T_, ALPHA, BETA, GAMMA), final_mode, 1e-2, refit=False,
+                              final=True))  # fmt: skip
         steps.append((len(branches) - 1, 0, True, True))
     steps.append((1, 0, True, True))  # final update()
 
@@ -520,16 +578,54 @@ def _fit_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes) -> EM
 
     def step(i, state):
         kind, arg, final, adjust = (tbl[i] for tbl in table)
-        cand = jax.lax.switch(kind, branches, state, arg)
+        cand, state = jax.lax.switch(kind, branches, state, arg)
         return update(state, st, cand, nbrs, cfg, modes, final.astype(bool),
                       adjust.astype(bool))  # fmt: skip
 
     return jax.lax.fori_loop(0, len(steps), step, state)
 
 
-def fit_gene(gd: GeneData, nbrs: Neighbors | None, cfg: FitConfig, init_vals=None) -> GeneResult:
-    """Initialise and fit one gene exactly as ``DynamicsRecovery(...).fit(assignment_mode)``."""
+def _loaded_state(ld: Loaded, st: Static, nbrs, cfg: FitConfig) -> EMState:
+    """``BaseDynamics.load_pars`` (utils ~821-860): the stored parameters (numpy float64
+    scalars from ``adata.var``), ``u0_`` from ``t_``, the stored times as given
+    (``get_time_assignment(t=t)``), and ``loss = [get_loss()]`` -- which re-assigns the
+    times (inverse formula) when ``refit_time``. No ``initialize_scaling``."""
+    f64 = jnp.float64
+    alpha, beta, gamma, t_, scaling = (ld.pars[i] for i in range(5))
+    pars = jnp.stack([alpha, beta, gamma, t_, scaling])
+    u0_, _ = solution(t_, alpha, beta, gamma)
+    t = ld.t.astype(f64)
+    o = (t < t_).astype(jnp.int32)
+    tau = fma_barrier(t * o) + fma_barrier((t - t_) * (1 - o))
+    ratio = gamma / beta
+    no = jnp.asarray(False)
+    if cfg.fit_time:
+        t_loss = _assign(st, pars, None, nbrs, cfg).t
+    else:
+        t_loss = t
+    loss0 = _se(st, t_loss, pars, ratio)
+    H = cfg.hist_len
+    return EMState(
+        pars=pars, t=t, tau=tau, o=o, loss_last=loss0,
+        loss_hist=jnp.full((H,), jnp.nan, f64).at[0].set(loss0),
+        pars_hist=jnp.full((5, H), jnp.nan, f64).at[:, 0].set(pars),
+        n_hist=jnp.asarray(1, jnp.int32), steady_u=ld.steady_u.astype(f64), u0_=u0_,
+        ratio=ratio, f32=jnp.zeros(5, bool), beta_int=no, t32=no, ratio32=no,
+    )  # fmt: skip
+
+
+def fit_gene(
+    gd: GeneData,
+    nbrs: Neighbors | None,
+    cfg: FitConfig,
+    init_vals=None,
+    ld: Loaded | None = None,
+) -> GeneResult:
+    """Initialise (or load, ``ld``) and fit one gene exactly as
+    ``DynamicsRecovery(...).fit(assignment_mode)``."""
     iv = _initial_values(gd, cfg, init_vals)
+    if ld is not None:
+        return _fit_loaded(gd, iv, nbrs, cfg, ld)
     f64 = jnp.float64
     st = Static(
         u=gd.u.astype(f64), s=gd.s.astype(f64), w=obj.make_subset(iv["w"]),
@@ -567,6 +663,26 @@ def fit_gene(gd: GeneData, nbrs: Neighbors | None, cfg: FitConfig, init_vals=Non
     ratio32 = _c32(state, GAMMA) & _c32(state, BETA)
     state = state._replace(ratio=r32(state.pars[GAMMA] / state.pars[BETA], ratio32),
                            ratio32=ratio32)  # fmt: skip
+    return _finish(state, st, nbrs, cfg, pre, mode, iv)
+
+
+def _fit_loaded(gd: GeneData, iv: dict, nbrs, cfg: FitConfig, ld: Loaded) -> GeneResult:
+    # initialize_weights sets std_u/std_s (no degenerate-std fix: that is in initialize())
+    st = Static(
+        u=gd.u.astype(jnp.float64), s=gd.s.astype(jnp.float64), w=obj.make_subset(iv["w"]),
+        wu=obj.make_subset(iv["w_upper"]), std_u=iv["std_u_raw"], std_s=iv["std_s_raw"],
+        data32=jnp.asarray(gd.u.dtype == jnp.float32),
+    )  # fmt: skip
+    state = _loaded_state(ld, st, nbrs, cfg)
+    mode = cfg.assignment_mode if cfg.max_iter > 0 else None
+    pre = mode if mode == "full_projection" else None
+    iv = {**iv, "pval_steady": ld.pval_steady.astype(jnp.float64),
+          "steady_s": ld.steady_s.astype(jnp.float64)}  # fmt: skip
+    return _finish(state, st, nbrs, cfg, pre, mode, iv)
+
+
+def _finish(state, st, nbrs, cfg, pre, mode, iv) -> GeneResult:
+    """``fit()``'s schedule and its final statistics (core ~124-151)."""
     state = _fit_schedule(state, st, nbrs, cfg, (pre, mode))
 
     final = _assign(st, state.pars, mode, nbrs, cfg)  # get_divergence(mode="tau")
