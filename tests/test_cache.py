@@ -1,0 +1,58 @@
+"""The on-disk cache of compiled programs (``JAXVELO_CACHE_DIR``): a second process loads
+the program instead of tracing and compiling it, with identical results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxvelo.core import batch
+
+_CHILD = r"""
+import json, sys, time, numpy as np
+from jaxvelo import datasets
+from jaxvelo.core import batch
+from jaxvelo.core.em import FitConfig
+a = datasets.simulated(150, 4, seed=3)
+u, s = np.asarray(a.layers["Mu"]), np.asarray(a.layers["Ms"])
+traced = []
+orig = batch._program
+batch._program = lambda *a, **k: traced.append(1) or orig(*a, **k)
+t = time.perf_counter()
+res = batch.fit_genes(u, s, FitConfig(n_obs=a.n_obs), batch_size=4)
+print(json.dumps({"traced": len(traced), "seconds": time.perf_counter() - t,
+                  "pars": res["pars"].tolist(), "loss": np.nan_to_num(res["loss_hist"]).tolist()}))
+"""
+
+
+def _run(cache: str) -> dict:
+    env = {**os.environ, "JAXVELO_CACHE_DIR": cache}
+    out = subprocess.run([sys.executable, "-c", _CHILD], env=env, check=True,
+                         capture_output=True, text=True).stdout  # fmt: skip
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_second_process_loads_cached_program(tmp_path):
+    first = _run(str(tmp_path))
+    entries = list(tmp_path.glob("*.xla"))
+    assert first["traced"] == 1 and len(entries) == 1
+    second = _run(str(tmp_path))
+    assert second["traced"] == 0  # loaded from disk: no tracing, no XLA compilation
+    assert second["pars"] == first["pars"] and second["loss"] == first["loss"]
+    assert second["seconds"] < first["seconds"]
+
+
+def test_cache_dir_setting(monkeypatch, tmp_path):
+    monkeypatch.setenv("JAXVELO_CACHE_DIR", str(tmp_path))
+    assert batch.cache_dir() == tmp_path
+    for off in ("none", "0", ""):
+        monkeypatch.setenv("JAXVELO_CACHE_DIR", off)
+        assert batch.cache_dir() is None
+    monkeypatch.delenv("JAXVELO_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert batch.cache_dir() == tmp_path / "jaxvelo"
