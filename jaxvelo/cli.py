@@ -1,4 +1,4 @@
-"""Command line: ``jaxvelo fit IN.h5ad -o OUT.h5ad`` and ``jaxvelo demo``."""
+"""Command line: ``jaxvelo fit IN.h5ad -o OUT.h5ad``, ``jaxvelo demo`` and ``jaxvelo bench``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 import warnings
+from pathlib import Path
 
 
 def _none_or(kind):
@@ -129,8 +130,100 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``jaxvelo`` console script."""
+def _load_bench():
+    """Import the repository's ``bench`` package (it is not installed with jaxvelo).
+
+    ``bench/`` sits next to the ``jaxvelo/`` package directory in a clone; an editable install
+    (``pip install -e .``) imports jaxvelo from there, so the repository root is two levels
+    above this file. The root goes first on ``sys.path`` (the children get it through
+    ``PYTHONPATH``), and the imported module is checked to be that directory's.
+    """
+    root = Path(__file__).resolve().parent.parent
+    init = root / "bench" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(
+            "jaxvelo bench: the benchmark suite is the repository's bench/ directory, which is "
+            f"not next to this jaxvelo ({root}). Run it from a git clone installed with "
+            "`pip install -e .`."
+        )
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import bench
+    import bench.run
+
+    if Path(bench.__file__).resolve() != init:
+        raise SystemExit(f"jaxvelo bench: `import bench` found {bench.__file__}, not {init}")
+    return bench
+
+
+def _cmd_bench(args) -> int:
+    bench = _load_bench()
+    try:
+        cfg = bench.run.config_from_args(args)
+    except ValueError as e:
+        print(f"jaxvelo bench: error: {e}", file=sys.stderr)
+        return 2
+    return bench.run.run(cfg)
+
+
+def _bench_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tier",
+        default="small",
+        help="small (1500-cell pancreas, default), medium (3696-cell pancreas), "
+        "large (simulated 9815 x 200), ood_large (simulated 5780 x 200), "
+        "xlarge (simulated 50000 x 20), a comma-separated list, or all",
+    )
+    p.add_argument(
+        "--threads",
+        default=None,
+        help="comma-separated thread counts, e.g. 1,2 (default: 1 and all CPUs; "
+        "with --quick all CPUs only)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="repeats per tier and thread count; medians are reported (default 3, 1 with --quick)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="one repeat and one thread count (all CPUs) unless given",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="raw pancreas_3696.h5ad for the pancreas tiers (default: "
+        "$JAXVELO_PANCREAS or ../shared/data)",
+    )
+    p.add_argument(
+        "--out", default=None, help="output directory (default bench/results/<date>_<time>)"
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where preprocessed tiers are kept (default <data cache>/bench, "
+        "see $JAXVELO_DATA_DIR)",
+    )
+    p.add_argument(
+        "--tools",
+        default=None,
+        help="comma-separated subset of scvelo,jaxvelo,autozyme,scvelo_rs "
+        "(default all; peers that cannot be imported are skipped)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds after which a single step is stopped (default none)",
+    )
+    p.add_argument("--keep-fits", action="store_true",
+                   help="keep the fitted h5ad files (fits/) used for the concordance")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``jaxvelo`` argument parser (subcommands ``fit``, ``demo``, ``bench``)."""
     parser = argparse.ArgumentParser(prog="jaxvelo", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     pf = sub.add_parser("fit", help="fit scVelo's dynamical model to an h5ad file")
@@ -147,13 +240,28 @@ def main(argv: list[str] | None = None) -> int:
     pd.add_argument("--n-vars", type=int, default=100)
     pd.add_argument("--no-reference", action="store_true", help="skip the scVelo run")
     _fit_options(pd)
-    args = parser.parse_args(argv)
+    pb = sub.add_parser(
+        "bench",
+        help="side-by-side benchmark against scVelo 0.3.4 (needs the repository's bench/)",
+        description="Times jaxvelo (first run, cold, warm) against scVelo 0.3.4 and importable "
+        "peers in fresh, thread-pinned subprocesses; writes results.json, results.md and PNG "
+        "charts. See docs/benchmarks.md.",
+    )
+    _bench_options(pb)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``jaxvelo`` console script."""
+    args = build_parser().parse_args(argv)
     if args.cmd == "demo" and args.dataset == "simulated" and args.n_obs is None:
         args.n_obs = 1000
+    if args.cmd == "bench":
+        args.command = ["jaxvelo"] + list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    return {"fit": _cmd_fit, "demo": _cmd_demo}[args.cmd](args)
+    return {"fit": _cmd_fit, "demo": _cmd_demo, "bench": _cmd_bench}[args.cmd](args)
 
 
 if __name__ == "__main__":
