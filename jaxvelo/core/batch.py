@@ -15,6 +15,7 @@ numerical core. A returning user skips both tracing and XLA compilation.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
 import hashlib
@@ -74,7 +75,9 @@ def _key(cfg, has_nbrs, init_vals, host, gd, nb, ld) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 
-_MEMORY: dict[str, Callable] = {}
+# Programs kept in memory for warm calls (a few: each holds its compiled code).
+_MEMORY: collections.OrderedDict[str, Callable] = collections.OrderedDict()
+_MEMORY_SIZE = 4
 
 
 def _executable(cfg, has_nbrs, init_vals, gd, nb, ld) -> Callable:
@@ -83,6 +86,7 @@ def _executable(cfg, has_nbrs, init_vals, gd, nb, ld) -> Callable:
     host = use_host_kernels()
     key = _key(cfg, has_nbrs, init_vals, host, gd, nb, ld)
     if key in _MEMORY:
+        _MEMORY.move_to_end(key)
         return _MEMORY[key]
     if host:
         from . import host_kernels
@@ -105,6 +109,8 @@ def _executable(cfg, has_nbrs, init_vals, gd, nb, ld) -> Callable:
         if path is not None:
             _store(path, fn)
     _MEMORY[key] = fn
+    while len(_MEMORY) > _MEMORY_SIZE:
+        _MEMORY.popitem(last=False)
     return fn
 
 
