@@ -34,6 +34,7 @@ __all__ = [
     "PANCREAS_FILENAME",
     "data_dir",
     "scvelo_fixture",
+    "scvelo_tests",
     "shared_data_path",
     "pancreas",
     "preprocess",
@@ -170,6 +171,66 @@ def scvelo_fixture(name: str, cache_dir: str | os.PathLike | None = None) -> Pat
             f"scVelo 0.3.4 has no test fixture {name!r}; available: {', '.join(names)}"
         )
     return path
+
+
+_TESTS_DIR = "scvelo-0.3.4-tests"
+_TEST_FILES = ("__init__.py", "conftest.py", "test_basic.py")
+
+
+def _extract_tests(tarball: Path, target: Path) -> None:
+    """Copy ``tests/{__init__,conftest,test_basic}.py`` and the top-level ``tests/_data/*.h5ad``
+    out of the sdist into ``target/tests`` (what scVelo's ``conftest.py`` reads at import)."""
+    dest = target / "tests"
+    (dest / "_data").mkdir(parents=True, exist_ok=True)
+    found: set[str] = set()
+    with tarfile.open(tarball, "r:*") as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if not member.isfile() or len(parts) < 3 or parts[1] != "tests":
+                continue
+            if len(parts) == 3 and parts[2] in _TEST_FILES:
+                out = dest / parts[2]
+            elif len(parts) == 4 and parts[2] == "_data" and parts[3].endswith(".h5ad"):
+                out = dest / "_data" / os.path.basename(parts[3])
+            else:
+                continue
+            src = tar.extractfile(member)
+            if src is None:  # pragma: no cover
+                continue
+            with src, open(out, "wb") as f:
+                shutil.copyfileobj(src, f)
+            found.add(parts[-1])
+    missing = [f for f in _TEST_FILES if f not in found]
+    if missing:
+        raise RuntimeError(f"{tarball} has no tests/{', tests/'.join(missing)}")
+
+
+def scvelo_tests(cache_dir: str | os.PathLike | None = None) -> Path:
+    """A directory holding scVelo 0.3.4's ``tests/test_basic.py`` with its ``conftest.py``.
+
+    Returns the root to run ``pytest tests/test_basic.py`` from (scVelo's ``conftest.py`` reads
+    ``tests/_data/*.h5ad`` relative to the working directory). Fetched once like
+    :func:`scvelo_fixture` (``$JAXVELO_SCVELO_SDIST`` or ``pip download``) into
+    ``<data_dir>/scvelo-0.3.4-tests``; raises ``RuntimeError`` when the sdist is unavailable.
+    """
+    root = data_dir(cache_dir) / _TESTS_DIR
+    marker = root / ".complete"
+    if marker.is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".part-", dir=root.parent) as tmp:
+        part = Path(tmp) / "root"
+        local = os.environ.get("JAXVELO_SCVELO_SDIST")
+        if local:
+            _extract_tests(Path(local).expanduser(), part)
+        else:
+            with tempfile.TemporaryDirectory(prefix="jaxvelo-sdist-") as dl:
+                _extract_tests(_download_sdist(Path(dl)), part)
+        (part / ".complete").write_text(SCVELO_SDIST_SPEC + "\n")
+        if root.exists():  # an interrupted earlier attempt
+            shutil.rmtree(root)
+        os.replace(part, root)
+    return root
 
 
 def _ancestors(start: Path) -> Iterator[Path]:

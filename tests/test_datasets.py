@@ -69,6 +69,33 @@ def test_fixture_extraction_from_local_sdist(monkeypatch, tmp_path):
         datasets.scvelo_fixture("nested", cache_dir=cache)
 
 
+def test_scvelo_tests_extraction_from_local_sdist(monkeypatch, tmp_path):
+    members = {
+        "scvelo-0.3.4/tests/__init__.py": b"",
+        "scvelo-0.3.4/tests/conftest.py": b"C",
+        "scvelo-0.3.4/tests/test_basic.py": b"T",
+        "scvelo-0.3.4/tests/core/test_base.py": b"X",  # not needed
+        "scvelo-0.3.4/tests/_data/pancreas_50obs.h5ad": b"A",
+        "scvelo-0.3.4/tests/_data/test_moments/x/nested.h5ad": b"N",
+    }
+    sdist = _fake_sdist(tmp_path / "scvelo-0.3.4.tar.gz", members)
+    monkeypatch.setenv("JAXVELO_SCVELO_SDIST", str(sdist))
+    root = datasets.scvelo_tests(cache_dir=tmp_path / "cache")
+    assert root == tmp_path / "cache" / "scvelo-0.3.4-tests"
+    files = sorted(str(f.relative_to(root)) for f in root.rglob("*") if f.is_file())
+    assert files == [".complete", "tests/__init__.py", "tests/_data/pancreas_50obs.h5ad",
+                     "tests/conftest.py", "tests/test_basic.py"]  # fmt: skip
+    # cached now: no sdist needed any more
+    monkeypatch.setenv("JAXVELO_SCVELO_SDIST", str(tmp_path / "missing.tar.gz"))
+    assert datasets.scvelo_tests(cache_dir=tmp_path / "cache") == root
+    # an sdist without the test files is refused, nothing left behind
+    del members["scvelo-0.3.4/tests/test_basic.py"]
+    monkeypatch.setenv("JAXVELO_SCVELO_SDIST", str(_fake_sdist(tmp_path / "b.tar.gz", members)))
+    with pytest.raises(RuntimeError, match="test_basic.py"):
+        datasets.scvelo_tests(cache_dir=tmp_path / "other")
+    assert list((tmp_path / "other").iterdir()) == []
+
+
 def test_fixture_pip_failure_message(monkeypatch, tmp_path):
     monkeypatch.delenv("JAXVELO_SCVELO_SDIST", raising=False)
     calls = []

@@ -461,7 +461,7 @@ def test_where_lazy_matches_where_batched_and_unbatched():
         got = jax.jit(jax.vmap(lambda fl, v, o: where_lazy(fl, fn, v, o)))(f, x, other)
         np.testing.assert_array_equal(got, jnp.where(f[:, None], fn(x), other))
         # unbatched flag, batched operand; unbatched otherwise
-        got = jax.vmap(lambda v: where_lazy(f[0], fn, v, other[0]))(x)
+        got = jax.vmap(lambda v, f=f: where_lazy(f[0], fn, v, other[0]))(x)
         np.testing.assert_array_equal(got, jnp.where(f[0], fn(x), other[0]))
     for fl in (True, False):
         got = jax.jit(lambda v, fl=fl: where_lazy(jnp.asarray(fl), fn, v, other))(x)

@@ -643,7 +643,9 @@ def fit_gene(
     a = Assignment(*(x.astype(f64) if x.dtype != jnp.int32 else x for x in a))
     is32 = gd.u.dtype == jnp.float32 and init_vals is None
     data32 = jnp.asarray(gd.u.dtype == jnp.float32)
-    fit_sc32 = is32 and isinstance(cfg.fit_scaling, bool) and bool(cfg.fit_scaling)
+    # fit_scaling=True: std_u / std_s of float32 data is float32; fit_scaling=False: the
+    # Python int 1 (core ~45), which keeps float32 operands float32 just the same
+    fit_sc32 = is32 and isinstance(cfg.fit_scaling, bool)
     f32 = jnp.stack([jnp.asarray(is32), iv["bimodal"] & is32, jnp.asarray(is32),
                      jnp.asarray(is32), jnp.asarray(fit_sc32)])  # fmt: skip
     beta_int = jnp.asarray(init_vals is None) & ~iv["bimodal"]
