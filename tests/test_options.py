@@ -15,10 +15,9 @@ one. ``load_pars`` (with ``fit_time`` True, False or an obs key) and
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
+from _upstream import upstream_recover
 
 import jaxvelo
 from jaxvelo import datasets
@@ -33,17 +32,7 @@ STEADY = ["Alpha", "Beta", "Delta", "Epsilon"]  # clusters used as steady-state 
 pytestmark = [pytest.mark.shared, pytest.mark.slow]
 
 
-def _upstream(adata, **kw):
-    import scvelo as scv
-
-    verbosity = scv.settings.verbosity
-    scv.settings.verbosity = 0
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return scv.tl.recover_dynamics(adata, show_progress_bar=False, **kw)
-    finally:
-        scv.settings.verbosity = verbosity
+_upstream = upstream_recover
 
 
 def _jaxvelo(adata, **kw):

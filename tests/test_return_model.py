@@ -12,6 +12,7 @@ import warnings
 import matplotlib
 import numpy as np
 import pytest
+from _upstream import upstream_recover
 
 import jaxvelo
 from jaxvelo import datasets
@@ -28,17 +29,7 @@ EXACT = ["o", "u", "s", "weights", "weights_upper", "u0", "s0", "alpha_", "gene"
          "cb_fit_t_and_rates", "cb_fit_rates_all"]  # fmt: skip
 
 
-def _upstream(adata, **kw):
-    import scvelo as scv
-
-    verbosity = scv.settings.verbosity
-    scv.settings.verbosity = 0
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return scv.tl.recover_dynamics(adata, show_progress_bar=False, **kw)
-    finally:
-        scv.settings.verbosity = verbosity
+_upstream = upstream_recover
 
 
 @pytest.fixture(scope="module")
