@@ -225,3 +225,25 @@ def test_smooth_buckets_vmap_match_scipy(max_buckets):
         expected = conn.dot(res[g].T).T
         np.testing.assert_array_equal(np.asarray(batched[g]), expected)
         np.testing.assert_array_equal(np.asarray(single[g]), expected)
+
+
+def test_adjust_increments_float32_matches_upstream():
+    """The first time assignment runs on float32 moments: the CPU kernel's float32 variant
+    keeps numpy's dtype flow (float64 gaps, float64 subtraction rounded to float32)."""
+    rng = np.random.default_rng(4)
+    tau = (rng.exponential(1.0, (4, 250)) ** 2).astype(np.float32)
+    tau_ = (rng.exponential(1.0, (4, 250)) ** 2).astype(np.float32)
+    on = rng.random((4, 250)) < np.array([0.0, 0.3, 0.7, 1.0])[:, None]
+    got, got_ = jax.jit(jax.vmap(assign.adjust_increments))(*map(jnp.asarray, (tau, on, tau_, ~on)))
+    assert got.dtype == jnp.float32
+    for g in range(4):
+        exp_tau, exp_tau_ = tau[g].copy(), tau_[g].copy()
+        n, f = on[g], ~on[g]
+        if n.any() and f.any():
+            exp_tau[n], exp_tau_[f] = up.adjust_increments(tau[g][n], tau_[g][f])
+        elif n.any():
+            exp_tau[n] = up.adjust_increments(tau[g][n])
+        else:
+            exp_tau_[f] = up.adjust_increments(tau_[g][f])
+        np.testing.assert_array_equal(np.asarray(got[g]), exp_tau)
+        np.testing.assert_array_equal(np.asarray(got_[g]), exp_tau_)

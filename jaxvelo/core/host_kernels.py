@@ -105,15 +105,6 @@ def _adjust(tau, on, tau_, off, out, out_):
         _subtract(out_[g], tau_[g], off[g], sb, db, ub)
 
 
-def adjust_increments_np(tau, on, tau_, off):
-    """The kernel on numpy arrays of shape (genes, cells) (for tests and debugging)."""
-    tau, tau_ = np.ascontiguousarray(tau), np.ascontiguousarray(tau_)
-    out, out_ = np.empty_like(tau), np.empty_like(tau_)
-    _adjust(tau, np.ascontiguousarray(on, bool), tau_, np.ascontiguousarray(off, bool),
-            out, out_)  # fmt: skip
-    return out, out_
-
-
 @intrinsic
 def _ptr(typingctx, addr):
     """An address (int64) as a ``void*``."""
@@ -157,42 +148,46 @@ def _ffi_frame(frame):
     return (f[4] & 0xFFFFFFFF) == _STAGE_EXECUTE, f
 
 
+@intrinsic
+def _typed_ptr(typingctx, addr, like):
+    """An address (int64) as a pointer to ``like``'s type."""
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return types.CPointer(like)(types.int64, like), codegen
+
+
 @nb.njit(cache=True, nogil=True)
-def _ffi_buffer(list_addr, i):
+def _ffi_array(list_addr, i, like):
+    """Buffer ``i`` of an args/rets list as a (genes, cells) array of ``like``'s type."""
     bufs = nb.carray(_ptr(list_addr), (i + 1,), dtype=np.int64)
     b = nb.carray(_ptr(bufs[i]), (6,), dtype=np.int64)
     dims = nb.carray(_ptr(b[5]), (2,), dtype=np.int64)
-    return _ptr(b[3]), dims[0], dims[1]
+    return nb.carray(_typed_ptr(b[3], like), (dims[0], dims[1]))
 
 
-# Handlers: operands tau, on (bool), tau_, off (bool); results tau_new, tau_new_ --
-# all (genes, cells). Return NULL (success).
-@nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
-def _ffi_f64(frame):
+@nb.njit(cache=True, nogil=True)
+def _ffi_run(frame, like):
+    # operands tau, on (bool), tau_, off (bool); results tau_new, tau_new_ -- all
+    # (genes, cells) with tau's dtype = like's. Returns NULL (success).
     run, f = _ffi_frame(frame)
     if run:
-        p0, G, n = _ffi_buffer(f[9], 0)
-        _adjust(nb.carray(p0, (G, n), dtype=np.float64),
-                nb.carray(_ffi_buffer(f[9], 1)[0], (G, n), dtype=np.bool_),
-                nb.carray(_ffi_buffer(f[9], 2)[0], (G, n), dtype=np.float64),
-                nb.carray(_ffi_buffer(f[9], 3)[0], (G, n), dtype=np.bool_),
-                nb.carray(_ffi_buffer(f[14], 0)[0], (G, n), dtype=np.float64),
-                nb.carray(_ffi_buffer(f[14], 1)[0], (G, n), dtype=np.float64))  # fmt: skip
+        no = np.bool_(False)
+        _adjust(_ffi_array(f[9], 0, like), _ffi_array(f[9], 1, no),
+                _ffi_array(f[9], 2, like), _ffi_array(f[9], 3, no),
+                _ffi_array(f[14], 0, like), _ffi_array(f[14], 1, like))  # fmt: skip
     return _ptr(0)
+
+
+@nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
+def _ffi_f64(frame):
+    return _ffi_run(frame, np.float64(0))
 
 
 @nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
 def _ffi_f32(frame):
-    run, f = _ffi_frame(frame)
-    if run:
-        p0, G, n = _ffi_buffer(f[9], 0)
-        _adjust(nb.carray(p0, (G, n), dtype=np.float32),
-                nb.carray(_ffi_buffer(f[9], 1)[0], (G, n), dtype=np.bool_),
-                nb.carray(_ffi_buffer(f[9], 2)[0], (G, n), dtype=np.float32),
-                nb.carray(_ffi_buffer(f[9], 3)[0], (G, n), dtype=np.bool_),
-                nb.carray(_ffi_buffer(f[14], 0)[0], (G, n), dtype=np.float32),
-                nb.carray(_ffi_buffer(f[14], 1)[0], (G, n), dtype=np.float32))  # fmt: skip
-    return _ptr(0)
+    return _ffi_run(frame, np.float32(0))
 
 
 _CALLS = {np.dtype(np.float64): _ffi_f64, np.dtype(np.float32): _ffi_f32}
