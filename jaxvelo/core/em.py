@@ -410,28 +410,25 @@ def _nm_stage_cb(state, st, idx, nbrs, cfg, mode, tol, refit_objective, modes, f
     x0 = state.pars[jnp.asarray(idx)]
     x32 = jnp.all(state.f32[jnp.asarray(idx)])
     refit = refit_objective and cfg.fit_time
-    f32_x = state.f32.at[jnp.asarray(idx)].set(x32)
-    beta_int_x = state.beta_int & (BETA not in idx)
+
+    def candidate(cur, x):
+        # x has the simplex's dtype (scipy hands the callback a copy of sim[0])
+        return Candidate(_overlay(cur, idx, x), cur.f32.at[jnp.asarray(idx)].set(x32),
+                         cur.beta_int & (BETA not in idx))  # fmt: skip
 
     def mse(x, cur):
-        fl = _flags(cur.f32.at[jnp.asarray(idx)].set(x32), cur.beta_int & (BETA not in idx),
-                    jnp.asarray(False) if refit else cur.t32, cur.ratio32)  # fmt: skip
-        p = _overlay(cur, idx, x)
-        t, _, _ = _time(cur, st, p, mode, nbrs, cfg, refit, fl)
-        return obj.mse(t, st.u, st.s, st.w, _vars(p), st.std_u, st.std_s, cur.ratio, fl)
+        c = candidate(cur, x)
+        fl = _flags(c.f32, c.beta_int, jnp.asarray(False) if refit else cur.t32, cur.ratio32)
+        t, _, _ = _time(cur, st, c.pars, mode, nbrs, cfg, refit, fl)
+        return obj.mse(t, st.u, st.s, st.w, _vars(c.pars), st.std_u, st.std_s, cur.ratio, fl)
 
     def callback(x, cur):
-        # the simplex's dtype: scipy hands the callback a copy of sim[0]
-        cand = Candidate(_overlay(cur, idx, x), cur.f32.at[jnp.asarray(idx)].set(x32),
-                         cur.beta_int & (BETA not in idx))  # fmt: skip
-        return update(cur, st, cand, nbrs, cfg, modes, final, True)
+        return update(cur, st, candidate(cur, x), nbrs, cfg, modes, final, True)
 
     tol_kw = {} if tol is None else {"xatol": tol, "fatol": tol}
     res, state = nelder_mead(mse, x0, maxiter=cfg.nm_maxiter, round32=x32, callback=callback,
                              cb_state=state, fun_uses_cb_state=True, **tol_kw)  # fmt: skip
-    del f32_x, beta_int_x
-    return Candidate(_overlay(state, idx, res.x), state.f32.at[jnp.asarray(idx)].set(x32),
-                     state.beta_int & (BETA not in idx)), state  # fmt: skip
+    return candidate(state, res.x), state
 
 
 def _initial_values(gd: GeneData, cfg: FitConfig, init_vals):
