@@ -72,7 +72,8 @@ def _cmd_fit(args) -> int:
 
     adata = anndata.read_h5ad(args.input)
     t = time.perf_counter()
-    jaxvelo.recover_dynamics(adata, show_progress_bar=not args.quiet, **_kwargs(args))
+    jaxvelo.recover_dynamics(adata, show_progress_bar=not args.quiet, method=args.method,
+                             **_kwargs(args))  # fmt: skip
     dt = time.perf_counter() - t
     n = int((~adata.var["fit_alpha"].isna()).sum())
     adata.write_h5ad(args.output)
@@ -231,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("-o", "--output", required=True)
     pf.add_argument("-q", "--quiet", action="store_true")
     _fit_options(pf)
+    pf.add_argument("--method", choices=["scvelo", "gradient"], default="scvelo",
+                    help="scvelo: exact (default); gradient: optax (docs/gradient.md)")  # fmt: skip
     pd = sub.add_parser("demo", help="fit a default dataset and compare with scVelo")
     pd.add_argument("--dataset", default="simulated",
                     help="simulated (default, no download), pancreas (../shared), or an "

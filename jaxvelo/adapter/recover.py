@@ -23,6 +23,7 @@ from scipy.sparse import issparse
 
 from ..core.batch import fit_genes, neighbors_from_csr
 from ..core.em import FitConfig, Loaded
+from ..core.gradient import GradientConfig
 
 logger = logging.getLogger("jaxvelo")
 
@@ -171,6 +172,7 @@ def recover_dynamics(
     show_progress_bar: bool = True,
     *,
     batch_size: int | None = None,
+    method: str = "scvelo",
     **kwargs,
 ):
     """Recover the full splicing kinetics of the given genes (scVelo's dynamical model).
@@ -201,10 +203,21 @@ def recover_dynamics(
         four fitted genes in a new matplotlib figure (what upstream's code intends; it
         raises IndexError there).
     batch_size
-        Genes per compiled batch (default 64); results do not depend on it.
+        Genes per compiled batch. Default: chosen from the memory budget
+        (``$JAXVELO_MEMORY_BUDGET``, default 1 GiB for the batches in flight) and balanced
+        over ``n_jobs``, at most 64 (``jaxvelo.core.batch.auto_batch_size``). The exact
+        mode's results do not depend on it.
+    method
+        ``"scvelo"`` (default): scVelo's EM with Nelder-Mead, exact. ``"gradient"``: the same
+        model fitted by Adam (optax) through the closed-form ODE solution, alternating with
+        the exact time assignment (:mod:`jaxvelo.core.gradient`, docs/gradient.md); not
+        scVelo's numbers. ``max_iter`` is not used there; ``load_pars`` and
+        ``high_pars_resolution`` are refused.
     **kwargs
         ``DynamicsRecovery`` keyword arguments (``high_pars_resolution``, ``init_vals``,
-        ``perc``).
+        ``perc``); with ``method="gradient"`` also ``rounds`` (time assignments, default 8),
+        ``steps`` (Adam steps per round, default 50) and ``learning_rate`` (default 0.05, on
+        the log-parameters).
 
     Returns
     -------
@@ -222,6 +235,13 @@ def recover_dynamics(
     high_pars_resolution = kwargs.pop("high_pars_resolution", False)
     init_vals = kwargs.pop("init_vals", None)
     perc = kwargs.pop("perc", 99)
+    if method not in ("scvelo", "gradient"):
+        raise ValueError(f"`method` must be 'scvelo' or 'gradient', got {method!r}.")
+    grad_opts = {k: kwargs.pop(k) for k in ("rounds", "steps", "learning_rate") if k in kwargs}
+    if grad_opts and method != "gradient":
+        raise TypeError(f"{sorted(grad_opts)} only apply to method='gradient'.")
+    if method == "gradient":
+        _check_gradient_options(grad_opts, load_pars, high_pars_resolution, max_iter)
     if kwargs:
         raise TypeError(f"unexpected keyword arguments: {sorted(kwargs)}")
     if not load_pars and fit_time is not True and not (isinstance(fit_time, str) and fit_time):
@@ -316,6 +336,8 @@ def recover_dynamics(
         perc=perc,
         load_pars=load,
     )
+    if method == "gradient":
+        cfg = GradientConfig(fit=cfg, **grad_opts)
     fit_cols = np.flatnonzero(recoverable)
     bar = None
     if show_progress_bar:
@@ -325,7 +347,7 @@ def recover_dynamics(
     try:
         res = fit_genes(
             u[:, fit_cols], s[:, fit_cols], cfg, nbrs=nbrs, prior=prior,
-            batch_size=batch_size or 64,
+            batch_size=batch_size,
             init_vals=None if init_vals is None else tuple(np.ravel(init_vals).tolist()),
             progress=None if bar is None else bar.update, n_jobs=n_jobs, loaded=loaded,
         )  # fmt: skip
@@ -343,6 +365,7 @@ def recover_dynamics(
             "fit_connected_states": fit_connected_states,
             "fit_basal_transcription": fit_basal_transcription,
             "use_raw": use_raw,
+            **(_gradient_uns(cfg) if method == "gradient" else {}),
         },
     )
     dm = None
@@ -373,6 +396,28 @@ def recover_dynamics(
         logger.info("outputs model fit of gene: %s", dm.gene)
         return dm
     return adata if copy else None
+
+
+def _gradient_uns(cfg: GradientConfig) -> dict:
+    return {"method": "gradient", "rounds": cfg.rounds, "steps": cfg.steps,
+            "learning_rate": cfg.learning_rate}  # fmt: skip
+
+
+def _check_gradient_options(opts: dict, load_pars, high_pars_resolution, max_iter) -> None:
+    if load_pars:
+        raise ValueError("load_pars is not supported with method='gradient'.")
+    if high_pars_resolution:
+        raise ValueError(
+            "high_pars_resolution is a Nelder-Mead option; not with method='gradient'."
+        )
+    if max_iter != 10:
+        logger.warning("max_iter=%r is not used by method='gradient' (see rounds/steps).", max_iter)
+    for key in ("rounds", "steps"):
+        if key in opts:
+            _check_int(key, opts[key], 0)
+    lr = opts.get("learning_rate", 0.05)
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not (0 < lr < np.inf):
+        raise ValueError(f"`learning_rate` must be a positive number, got {lr!r}.")
 
 
 def _loaded_pars(adata, idx: np.ndarray, fit_time) -> tuple[Loaded, bool]:

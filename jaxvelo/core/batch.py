@@ -30,14 +30,86 @@ import numpy as np
 
 from .assign import Neighbors, use_host_kernels
 from .em import FitConfig, GeneData, GeneResult, Loaded, fit_gene
+from .gradient import GradientConfig, fit_gene_gradient
 
 
-def _program(cfg: FitConfig, has_nbrs: bool, init_vals: tuple | None) -> Callable:
+def _program(cfg, has_nbrs: bool, init_vals: tuple | None) -> Callable:
+    """The batched fit of one device: ``vmap`` over the genes of a batch."""
+
     def one(gd, nbrs, ld):
-        return fit_gene(gd, nbrs if has_nbrs else None, cfg, init_vals, ld)
+        nb = nbrs if has_nbrs else None
+        if isinstance(cfg, GradientConfig):
+            return fit_gene_gradient(gd, nb, cfg, init_vals)
+        return fit_gene(gd, nb, cfg, init_vals, ld)
 
     ld_axes = Loaded(0, 0, 0, 0, 0) if cfg.load_pars else None
     return jax.jit(jax.vmap(one, in_axes=(GeneData(0, 0, 0), None, ld_axes)))
+
+
+def n_devices() -> int:
+    """Devices the gene batches are spread over: all devices of the default backend
+    (one unless e.g. ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` on CPU);
+    ``JAXVELO_DEVICES=n`` uses the first ``n``."""
+    n = len(jax.devices())
+    env = os.environ.get("JAXVELO_DEVICES", "").strip()
+    if env:
+        try:
+            n = max(1, min(n, int(env)))
+        except ValueError as e:
+            raise ValueError(f"JAXVELO_DEVICES must be an integer, got {env!r}") from e
+    return n
+
+
+MAX_BATCH = 64  # genes per batch at most: larger batches gain little on CPU
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of working memory for the batches in flight
+# Working memory (XLA temporaries) per gene and cell of a batch, from the compiled
+# programs' ``memory_analysis()`` (1500 pancreas cells, 16 genes: exact 1237, gradient 434),
+# rounded up; see docs/design.md.
+BYTES_PER_GENE_CELL = {"exact": 1536, "gradient": 512}
+
+
+def _parse_bytes(text: str) -> int:
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        if t and t[-1] in mult:
+            return int(float(t[:-1]) * mult[t[-1]])
+        return int(float(t))
+    except ValueError as e:
+        raise ValueError(f"cannot read a memory size from {text!r} (e.g. 2G, 512M)") from e
+
+
+def memory_budget() -> int:
+    """Bytes the batches in flight may use for their working memory:
+    ``$JAXVELO_MEMORY_BUDGET`` (e.g. ``2G``, ``512M``), default 1 GiB."""
+    env = os.environ.get("JAXVELO_MEMORY_BUDGET", "").strip()
+    n = _parse_bytes(env) if env else DEFAULT_MEMORY_BUDGET
+    if n <= 0:
+        raise ValueError(f"JAXVELO_MEMORY_BUDGET must be positive, got {env!r}")
+    return n
+
+
+def auto_batch_size(
+    n_genes: int, n_obs: int, workers: int, mode: str = "exact", budget: int | None = None
+) -> int:
+    """Genes per batch for ``n_genes`` genes of ``n_obs`` cells on ``workers`` threads.
+
+    At most :data:`MAX_BATCH` and at most what fits the memory budget
+    (:func:`memory_budget` shared by the ``workers`` batches in flight, at
+    :data:`BYTES_PER_GENE_CELL`); then the fewest batches, a multiple of ``workers`` so
+    that every thread has work, of equal size (rounded up to a multiple of 8 above 16 genes,
+    so that similar gene counts share compiled programs).
+    """
+    budget = memory_budget() if budget is None else budget
+    workers = max(1, int(workers))
+    per_gene = max(1, n_obs) * BYTES_PER_GENE_CELL[mode]
+    cap = int(max(1, min(MAX_BATCH, budget // (workers * per_gene))))
+    n_batches = -(-max(1, n_genes) // cap)
+    n_batches = -(-n_batches // workers) * workers
+    size = -(-max(1, n_genes) // n_batches)
+    if size > 16:
+        size = -(-size // 8) * 8
+    return max(1, min(size, cap))
 
 
 def cache_dir() -> Path | None:
@@ -80,38 +152,61 @@ _MEMORY: collections.OrderedDict[str, Callable] = collections.OrderedDict()
 _MEMORY_SIZE = 4
 
 
-def _executable(cfg, has_nbrs, init_vals, gd, nb, ld) -> Callable:
-    """The compiled program for these arguments: from memory, from the disk cache, or
-    traced and compiled (then stored)."""
+def _executable(cfg, has_nbrs, init_vals, gd, nb, ld, n_dev: int = 1) -> list[Callable]:
+    """The compiled program for these arguments, one per device (the first ``n_dev``):
+    from memory, from the disk cache, or traced and compiled (then stored).
+
+    Every device runs the same single-device program, so a gene's result does not depend
+    on the device it ran on (or on the device count)."""
     host = use_host_kernels()
     key = _key(cfg, has_nbrs, init_vals, host, gd, nb, ld)
-    if key in _MEMORY:
-        _MEMORY.move_to_end(key)
-        return _MEMORY[key]
+    return [_loaded(key, d, cfg, has_nbrs, init_vals, host, gd, nb, ld) for d in range(n_dev)]
+
+
+def _loaded(key, d, cfg, has_nbrs, init_vals, host, gd, nb, ld) -> Callable:
+    """The program for device ``d``: the first device's is stored on disk; the others are
+    compiled for their device (not stored; multi-device use is opt-in)."""
+    mkey = f"{key}/{d}"
+    if mkey in _MEMORY:
+        _MEMORY.move_to_end(mkey)
+        return _MEMORY[mkey]
     if host:
         from . import host_kernels
 
         host_kernels.register_all()  # custom-call targets the program refers to by name
-    in_tree = jax.tree_util.tree_structure(((gd, nb, ld), {}))
-    out_tree = jax.tree_util.tree_structure(GeneResult(*range(len(GeneResult._fields))))
-    folder = cache_dir()
-    path = None if folder is None else folder / f"{key}.xla"
     fn = None
+    if d > 0:
+        args = jax.device_put((gd, nb, ld), jax.devices()[d])
+        fn = _program(cfg, has_nbrs, init_vals).lower(*args).compile()
+    folder = cache_dir()
+    path = None if folder is None or d > 0 else folder / f"{key}.xla"
     if path is not None and path.exists():
         from jax.experimental.serialize_executable import deserialize_and_load
 
+        in_tree = jax.tree_util.tree_structure(((gd, nb, ld), {}))
+        out_tree = jax.tree_util.tree_structure(GeneResult(*range(len(GeneResult._fields))))
         try:
             fn = deserialize_and_load(path.read_bytes(), in_tree, out_tree)
+            os.utime(path)  # recently used: pruned last
         except Exception:  # a stale or truncated entry: recompile and overwrite
             fn = None
     if fn is None:
         fn = _program(cfg, has_nbrs, init_vals).lower(gd, nb, ld).compile()
         if path is not None:
             _store(path, fn)
-    _MEMORY[key] = fn
+    _MEMORY[mkey] = fn
     while len(_MEMORY) > _MEMORY_SIZE:
         _MEMORY.popitem(last=False)
     return fn
+
+
+DEFAULT_CACHE_LIMIT = 2 << 30  # bytes on disk; least recently used programs go first
+
+
+def cache_limit() -> int:
+    """Size cap of the on-disk cache: ``$JAXVELO_CACHE_MAX`` (e.g. ``5G``), default 2 GiB."""
+    env = os.environ.get("JAXVELO_CACHE_MAX", "").strip()
+    return _parse_bytes(env) if env else DEFAULT_CACHE_LIMIT
 
 
 def _store(path: Path, compiled) -> None:
@@ -123,8 +218,32 @@ def _store(path: Path, compiled) -> None:
         with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as f:
             f.write(payload)
         os.replace(f.name, path)  # atomic: concurrent processes never see half a file
+        _prune(path.parent, cache_limit(), keep=path)
     except (OSError, ValueError, NotImplementedError, pickle.PicklingError):
         pass  # caching is an optimisation; an unwritable folder must not fail the fit
+
+
+def _prune(folder: Path, limit: int, keep: Path) -> None:
+    """Delete the least recently used programs (by modification time, which a load
+    refreshes) until the folder holds at most ``limit`` bytes; ``keep`` stays."""
+    entries = []
+    for f in folder.glob("*.xla"):
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        entries.append((st.st_mtime, st.st_size, f))
+    total = sum(size for _, size, _ in entries)
+    for _, size, f in sorted(entries, key=lambda e: e[0]):
+        if total <= limit:
+            break
+        if f == keep:
+            continue
+        try:
+            f.unlink()
+            total -= size
+        except OSError:
+            pass
 
 
 def _degree_buckets(deg: np.ndarray, max_buckets: int) -> list[int]:
@@ -193,7 +312,7 @@ def fit_genes(
     cfg: FitConfig,
     nbrs: Neighbors | None = None,
     prior: np.ndarray | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     init_vals: tuple | None = None,
     progress: Callable[[int], None] | None = None,
     n_jobs: int = 1,
@@ -204,8 +323,10 @@ def fit_genes(
     ``loaded`` (with ``cfg.load_pars``): stored parameters per gene (leading gene axis;
     ``t`` as cells x genes) to start from instead of the initialisation.
 
-    Batches run on ``n_jobs`` threads at once (the compiled program releases the GIL);
-    results do not depend on ``n_jobs`` or ``batch_size``.
+    ``batch_size`` None: :func:`auto_batch_size` (memory budget, balanced batches).
+    Batches run on ``n_jobs`` threads at once (the compiled program releases the GIL) and
+    are dealt to the devices in turn (:func:`n_devices`; one thread per device at least);
+    results do not depend on ``n_jobs``, the device count or (exact mode) ``batch_size``.
 
     Returns a dict of numpy arrays with a leading gene axis (fields of
     :class:`~jaxvelo.core.em.GeneResult`).
@@ -214,6 +335,11 @@ def fit_genes(
     if prior is None:
         prior = np.zeros((n_obs,), bool)
     prior_g = np.broadcast_to(np.asarray(prior, bool)[:, None], (n_obs, n_genes))
+    n_dev = n_devices()
+    workers = max(int(n_jobs), n_dev)
+    if batch_size is None:
+        mode = "gradient" if isinstance(cfg, GradientConfig) else "exact"
+        batch_size = auto_batch_size(n_genes, n_obs, workers, mode)
     batch_size = max(1, min(int(batch_size), n_genes))
     starts = list(range(0, n_genes, batch_size))
 
@@ -241,19 +367,25 @@ def fit_genes(
         if cfg.load_pars != (loaded is not None):
             raise ValueError("`loaded` must be given exactly when cfg.load_pars is set.")
         _, gd0, ld0 = batch(0)
-        fn = _executable(cfg, nbrs is not None, init_vals, gd0, nb, ld0)
+        n_dev = min(n_dev, len(starts))
+        fns = _executable(cfg, nbrs is not None, init_vals, gd0, nb, ld0, n_dev)
+        devs = jax.devices()[:n_dev]
+        nbs = [nb] if n_dev == 1 else [jax.device_put(nb, d) for d in devs]
 
-        def run(start):
+        def run(i):
+            d = i % n_dev  # batches are dealt to the devices in turn
             with jax.enable_x64(True):  # thread-local: re-entered in worker threads
-                cols, gd, ld = batch(start)
-                res = jax.device_get(fn(gd, nb, ld))
+                cols, gd, ld = batch(starts[i])
+                if n_dev > 1:
+                    gd, ld = jax.device_put((gd, ld), devs[d])
+                res = jax.device_get(fns[d](gd, nbs[d], ld))
             if progress is not None:
                 progress(len(cols))
             return [np.asarray(v)[: len(cols)] for v in res]
 
-        if n_jobs > 1 and len(starts) > 1:
-            with concurrent.futures.ThreadPoolExecutor(max_workers=int(n_jobs)) as pool:
-                results = list(pool.map(run, starts))
+        if workers > 1 and len(starts) > 1:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+                results = list(pool.map(run, range(len(starts))))
         else:
-            results = [run(st) for st in starts]
+            results = [run(i) for i in range(len(starts))]
     return {k: np.concatenate([r[i] for r in results]) for i, k in enumerate(GeneResult._fields)}

@@ -623,13 +623,25 @@ def fit_gene(
     iv = _initial_values(gd, cfg, init_vals)
     if ld is not None:
         return _fit_loaded(gd, iv, nbrs, cfg, ld)
+    state, st = initial_state(gd, nbrs, cfg, init_vals, iv, cfg.hist_len)
+    mode = cfg.assignment_mode if cfg.max_iter > 0 else None
+    pre = mode if mode == "full_projection" else None
+    return _finish(state, st, nbrs, cfg, pre, mode, iv)
+
+
+def initial_state(
+    gd: GeneData, nbrs: Neighbors | None, cfg: FitConfig, init_vals, iv: dict, hist_len: int
+) -> tuple[EMState, Static]:
+    """``DynamicsRecovery.__init__`` up to the fit: ``initialize()`` with its first time
+    assignment (in the data dtype) and loss, then ``initialize_scaling`` (core ~31-121).
+    ``iv``: :func:`_initial_values`; ``hist_len``: length of the loss/pars histories."""
     f64 = jnp.float64
     st = Static(
         u=gd.u.astype(f64), s=gd.s.astype(f64), w=obj.make_subset(iv["w"]),
         wu=obj.make_subset(iv["w_upper"]), std_u=iv["std_u"], std_s=iv["std_s"],
         data32=jnp.asarray(gd.u.dtype == jnp.float32),
     )  # fmt: skip
-    H = cfg.hist_len
+    H = hist_len
     pars = iv["pars"]
     nan = jnp.asarray(jnp.nan, f64)
     # The first time assignment runs in the data dtype: all float32 for float32 moments
@@ -655,14 +667,11 @@ def fit_gene(
         f32=f32, beta_int=beta_int, t32=data32, ratio32=jnp.asarray(False),
     )  # fmt: skip
 
-    # fit() sets assignment_mode only when max_iter > 0 (core ~126-145)
-    mode = cfg.assignment_mode if cfg.max_iter > 0 else None
-    pre = mode if mode == "full_projection" else None
     state = _initialize_scaling(state, st, nbrs, cfg)
     ratio32 = _c32(state, GAMMA) & _c32(state, BETA)
     state = state._replace(ratio=r32(state.pars[GAMMA] / state.pars[BETA], ratio32),
                            ratio32=ratio32)  # fmt: skip
-    return _finish(state, st, nbrs, cfg, pre, mode, iv)
+    return state, st
 
 
 def _fit_loaded(gd: GeneData, iv: dict, nbrs, cfg: FitConfig, ld: Loaded) -> GeneResult:
@@ -681,9 +690,15 @@ def _fit_loaded(gd: GeneData, iv: dict, nbrs, cfg: FitConfig, ld: Loaded) -> Gen
 
 
 def _finish(state, st, nbrs, cfg, pre, mode, iv) -> GeneResult:
-    """``fit()``'s schedule and its final statistics (core ~124-151)."""
+    """``fit()``'s schedule and its final statistics (core ~124-151). ``mode``: fit() sets
+    the assignment mode only when max_iter > 0 (core ~126-145)."""
     state = _fit_schedule(state, st, nbrs, cfg, (pre, mode))
+    return final_result(state, st, nbrs, cfg, mode, iv)
 
+
+def final_result(state: EMState, st: Static, nbrs, cfg: FitConfig, mode, iv: dict) -> GeneResult:
+    """The statistics ``fit()`` leaves after its schedule (core ~146-151): the final
+    ``tau``/``tau_`` (``get_divergence(mode="tau")``), likelihood and variance."""
     final = _assign(st, state.pars, mode, nbrs, cfg)  # get_divergence(mode="tau")
     v = _vars(state.pars)
     fl = _flags(state.f32, state.beta_int, state.t32, state.ratio32)

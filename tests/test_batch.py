@@ -1,0 +1,91 @@
+"""Batch sizing from the memory budget, the device count, and the on-disk cache's size cap
+(fast: nothing is compiled here)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from jaxvelo.core import batch
+from jaxvelo.core.batch import BYTES_PER_GENE_CELL, MAX_BATCH, auto_batch_size
+
+
+@pytest.mark.parametrize(
+    "genes, cells, workers, expected",
+    [
+        (611, 3696, 2, 64),  # the pancreas: 10 batches of 64 (as before)
+        (200, 5780, 2, 56),  # 4 batches of 56, not 64 + 64 + 64 + 8 padded to 64
+        (20, 50_000, 2, 5),  # within the budget, the same number of batches per worker
+        (1327, 100, 2, 64),
+        (5, 100, 1, 5),
+        (3, 3696, 2, 2),  # both workers get a batch
+        (1, 10, 4, 1),
+    ],
+)
+def test_auto_batch_size(genes, cells, workers, expected):
+    assert auto_batch_size(genes, cells, workers, budget=1 << 30) == expected
+
+
+@pytest.mark.parametrize("mode", ["exact", "gradient"])
+@pytest.mark.parametrize("budget", [1 << 26, 1 << 28, 1 << 30, 1 << 33])
+@pytest.mark.parametrize("cells", [100, 3696, 50_000, 200_000])
+@pytest.mark.parametrize("workers", [1, 2, 16])
+def test_auto_batch_size_respects_the_budget(mode, budget, cells, workers):
+    for genes in (1, 7, 64, 611, 5000):
+        b = auto_batch_size(genes, cells, workers, mode, budget=budget)
+        assert 1 <= b <= min(MAX_BATCH, genes)
+        if b > 1:  # one gene per batch is the floor, whatever the budget
+            assert workers * b * cells * BYTES_PER_GENE_CELL[mode] <= budget
+        n_batches = -(-genes // b)
+        # no worker idles while another has two batches more than it
+        assert n_batches >= min(workers, genes) or b == 1
+
+
+def test_memory_budget_environment(monkeypatch):
+    monkeypatch.setenv("JAXVELO_MEMORY_BUDGET", "512M")
+    assert batch.memory_budget() == 512 << 20
+    monkeypatch.setenv("JAXVELO_MEMORY_BUDGET", "2GiB")
+    assert batch.memory_budget() == 2 << 30
+    monkeypatch.setenv("JAXVELO_MEMORY_BUDGET", "1000000")
+    assert batch.memory_budget() == 1_000_000
+    monkeypatch.setenv("JAXVELO_MEMORY_BUDGET", "lots")
+    with pytest.raises(ValueError, match="memory size"):
+        batch.memory_budget()
+    monkeypatch.setenv("JAXVELO_MEMORY_BUDGET", "-1G")
+    with pytest.raises(ValueError, match="positive"):
+        batch.memory_budget()
+    monkeypatch.delenv("JAXVELO_MEMORY_BUDGET")
+    assert batch.memory_budget() == batch.DEFAULT_MEMORY_BUDGET
+
+
+def test_device_count_environment(monkeypatch):
+    monkeypatch.setenv("JAXVELO_DEVICES", "1")
+    assert batch.n_devices() == 1
+    monkeypatch.setenv("JAXVELO_DEVICES", "64")  # at most the devices there are
+    import jax
+
+    assert batch.n_devices() == len(jax.devices())
+    monkeypatch.setenv("JAXVELO_DEVICES", "two")
+    with pytest.raises(ValueError, match="JAXVELO_DEVICES"):
+        batch.n_devices()
+
+
+def test_cache_prune_keeps_recent_entries(tmp_path):
+    now = time.time()
+    for i in range(5):
+        f = tmp_path / f"{i}.xla"
+        f.write_bytes(b"x" * 100)
+        os.utime(f, (now - 100 + i, now - 100 + i))  # 0 oldest ... 4 newest
+    (tmp_path / "other.txt").write_bytes(b"y" * 1000)  # not a program: never touched
+    batch._prune(tmp_path, limit=250, keep=tmp_path / "0.xla")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["0.xla", "4.xla", "other.txt"]
+
+
+def test_cache_limit_environment(monkeypatch):
+    monkeypatch.setenv("JAXVELO_CACHE_MAX", "5G")
+    assert batch.cache_limit() == 5 << 30
+    monkeypatch.delenv("JAXVELO_CACHE_MAX")
+    assert batch.cache_limit() == batch.DEFAULT_CACHE_LIMIT
