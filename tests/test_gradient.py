@@ -168,6 +168,7 @@ def test_batch_size_and_jobs_do_not_matter_much(sim, fitted):
         ({"method": "gradient", "learning_rate": -1.0}, ValueError, "learning_rate"),
         ({"method": "gradient", "rounds": -1}, ValueError, "rounds"),
         ({"method": "gradient", "steps": 2.5}, (TypeError, ValueError), "steps"),
+        ({"method": "gradient", "gradient_scaling": "yes"}, TypeError, "gradient_scaling"),
     ],
 )
 def test_bad_options_fail_and_leave_adata_untouched(sim, kwargs, err, match):

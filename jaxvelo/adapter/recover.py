@@ -216,8 +216,10 @@ def recover_dynamics(
     **kwargs
         ``DynamicsRecovery`` keyword arguments (``high_pars_resolution``, ``init_vals``,
         ``perc``); with ``method="gradient"`` also ``rounds`` (time assignments, default 8),
-        ``steps`` (Adam steps per round, default 50) and ``learning_rate`` (default 0.05, on
-        the log-parameters).
+        ``steps`` (Adam steps per round, default 50), ``learning_rate`` (default 0.05, on
+        the log-parameters) and ``gradient_scaling`` (default False: ``scaling`` keeps the
+        value of the initial scaling search; True takes gradient steps on it too, which
+        lowers the loss but worsens the recovered gamma/beta, docs/gradient.md).
 
     Returns
     -------
@@ -237,7 +239,8 @@ def recover_dynamics(
     perc = kwargs.pop("perc", 99)
     if method not in ("scvelo", "gradient"):
         raise ValueError(f"`method` must be 'scvelo' or 'gradient', got {method!r}.")
-    grad_opts = {k: kwargs.pop(k) for k in ("rounds", "steps", "learning_rate") if k in kwargs}
+    grad_keys = ("rounds", "steps", "learning_rate", "gradient_scaling")
+    grad_opts = {k: kwargs.pop(k) for k in grad_keys if k in kwargs}
     if grad_opts and method != "gradient":
         raise TypeError(f"{sorted(grad_opts)} only apply to method='gradient'.")
     if method == "gradient":
@@ -400,7 +403,8 @@ def recover_dynamics(
 
 def _gradient_uns(cfg: GradientConfig) -> dict:
     return {"method": "gradient", "rounds": cfg.rounds, "steps": cfg.steps,
-            "learning_rate": cfg.learning_rate}  # fmt: skip
+            "learning_rate": cfg.learning_rate,
+            "gradient_scaling": cfg.gradient_scaling}  # fmt: skip
 
 
 def _check_gradient_options(opts: dict, load_pars, high_pars_resolution, max_iter) -> None:
@@ -415,6 +419,8 @@ def _check_gradient_options(opts: dict, load_pars, high_pars_resolution, max_ite
     for key in ("rounds", "steps"):
         if key in opts:
             _check_int(key, opts[key], 0)
+    if not isinstance(opts.get("gradient_scaling", False), bool):
+        raise TypeError("`gradient_scaling` must be True or False.")
     lr = opts.get("learning_rate", 0.05)
     if isinstance(lr, bool) or not isinstance(lr, int | float) or not (0 < lr < np.inf):
         raise ValueError(f"`learning_rate` must be a positive number, got {lr!r}.")
