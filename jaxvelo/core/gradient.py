@@ -47,6 +47,7 @@ from .em import (
     final_result,
     initial_state,
 )
+from .kinetics import solution
 from .numerics import pairwise_sum
 
 __all__ = ["GradientConfig", "fit_gene_gradient", "phase_loss"]
@@ -82,10 +83,6 @@ class GradientConfig:
     gradient_scaling: bool = False
 
     @property
-    def n_obs(self) -> int:
-        return self.fit.n_obs
-
-    @property
     def load_pars(self) -> bool:  # the batch layer's interface; no load_pars here
         return False
 
@@ -97,18 +94,12 @@ class GradientConfig:
 
 def _phase_solution(pars: Array, tau: Array, on: Array) -> tuple[Array, Array]:
     """``(u, s)`` of the model at phase time ``tau`` (``on``: induction from 0; else
-    repression from the switching state at ``t_``); plain float64 arithmetic."""
+    repression from the switching state at ``t_``), by the exact mode's ODE solution in
+    float64 (``vectorize``'s split, with the phase given instead of derived from ``t``)."""
     alpha, beta, gamma, t_ = pars[ALPHA], pars[BETA], pars[GAMMA], pars[T_]
-    inv = 1 / (gamma - beta)
-
-    def sol(tau, a, u0, s0):
-        expu, exps = jnp.exp(-beta * tau), jnp.exp(-gamma * tau)
-        u = u0 * expu + a / beta * (1 - expu)
-        s = s0 * exps + a / gamma * (1 - exps) + (a - u0 * beta) * inv * (exps - expu)
-        return u, s
-
-    u0_, s0_ = sol(t_, alpha, 0.0, 0.0)
-    return sol(tau, jnp.where(on, alpha, 0.0), jnp.where(on, 0.0, u0_), jnp.where(on, 0.0, s0_))
+    u0_, s0_ = solution(t_, alpha, beta, gamma)
+    return solution(tau, jnp.where(on, alpha, 0.0), beta, gamma,
+                    jnp.where(on, 0.0, u0_), jnp.where(on, 0.0, s0_))  # fmt: skip
 
 
 def phase_loss(pars, u, s, tau, on, n, std_u, std_s, ratio) -> Array:
