@@ -207,3 +207,29 @@ def test_sharded_over_two_devices_is_identical(tmp_path, sim):
     assert r.returncode == 0, r.stderr[-3000:]
     same = json.loads(r.stdout.strip().splitlines()[-1])
     assert all(same.values()), same
+
+
+@pytest.mark.parametrize("host", ["0", "1"])
+def test_no_host_code_off_the_cpu_path(monkeypatch, sim, host):
+    """With the host kernels off (what every non-CPU backend gets) the gradient program has
+    no custom call or callback: only XLA operations, so it runs on GPU unchanged. With them
+    on (CPU), the numba kernel is the one custom call."""
+    from jaxvelo.core import batch
+    from jaxvelo.core.em import FitConfig, GeneData
+    from jaxvelo.core.gradient import GradientConfig
+
+    monkeypatch.setenv("JAXVELO_HOST_KERNELS", host)
+    n = sim.n_obs
+    conn = sim.obsp["connectivities"].tocsr()
+    nb = batch.neighbors_from_csr(conn.indptr, conn.indices, conn.data)
+    gd = GeneData(u=np.ones((2, n), np.float32), s=np.ones((2, n), np.float32),
+                  prior=np.zeros((2, n), bool))  # fmt: skip
+    cfg = GradientConfig(fit=FitConfig(n_obs=n), rounds=1, steps=2)
+    with jax.enable_x64(True):
+        nbj = jax.tree_util.tree_map(jnp.asarray, nb)
+        text = batch._program(cfg, True, None).lower(gd, nbj, None).as_text()
+    calls = text.count("custom_call")
+    if host == "0":
+        assert calls == 0 and "callback" not in text
+    else:
+        assert calls > 0 and "jaxvelo" in text

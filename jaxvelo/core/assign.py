@@ -223,9 +223,9 @@ def _adjust_increments_xla(tau: Array, on: Array, tau_: Array, off: Array):
 
 
 def use_host_kernels() -> bool:
-    """Whether sort-bound kernels run as numpy callbacks (CPU backend: XLA's CPU sort is
-    ~40x slower than numpy's) instead of XLA (GPU/TPU: no host round trip). Set
-    ``JAXVELO_HOST_KERNELS=0`` to force the XLA versions."""
+    """Whether sort-bound kernels run as the numba custom call of :mod:`.host_kernels`
+    (CPU backend: XLA's CPU sort is ~40x slower than numpy's) instead of XLA (GPU/TPU: no
+    host code in the program). Set ``JAXVELO_HOST_KERNELS=0`` to force the XLA versions."""
     if os.environ.get("JAXVELO_HOST_KERNELS", "1") == "0":
         return False
     return jax.default_backend() == "cpu"
