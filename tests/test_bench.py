@@ -179,7 +179,7 @@ def _fake_results() -> dict:
         meas += [
             _fit("small", 2, "scvelo", "run", {"run": s}, rep),
             _fit("small", 2, "jaxvelo", "first", {"first": f, "warm": w}, rep, cache_entries=3),
-            _fit("small", 2, "jaxvelo", "cold", {"cold": c}, rep),
+            _fit("small", 2, "jaxvelo", "cold", {"cold": c}, rep, rss=300.0 + rep),
             _fit("small", 2, "autozyme", "run", {"run": 10.0, "warm": 8.0}, rep),
         ]
     meas += [
@@ -213,7 +213,7 @@ def test_summarize_fake_measurements():
     assert (j["first_s"], j["warm_s"], j["cold_s"]) == (100, 61, 65)
     assert j["compile_s"] == 40  # median of 40, 48, 29
     assert j["speedup_warm"] == pytest.approx(42 / 61) and j["speedup_cold"] == 42 / 65
-    assert j["cache_entries"] == 3 and j["peak_rss_mb"] == 500
+    assert j["cache_entries"] == 3 and j["peak_rss_mb"] == 500 and j["peak_rss_cold_mb"] == 302
     assert a["speedup_run"] == 4.2 and a["warm_s"] == 8
     assert small["concordance"]["jaxvelo"]["diverging_genes"] == ["Anp32b"]
     assert small["n_genes_fitted"] == {"scvelo": 500, "jaxvelo": 500, "autozyme": 500}
@@ -232,6 +232,7 @@ def test_write_results(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "| small | 1500 × 500 | 2 | 42.0 | 100.0 | 65.0 | 61.0 | 40.0 |" in md
     assert "| xlarge | 50000 × 500 | 1 | 400.0 | 150.0 | – | 100.0 | 50.0 |" in md
+    assert "| 500 / 500 (302) |" in md and "/ 4.00× | 500 / 500 (–) |" in md
     for heading in ("## Peers", "## Concordance with scVelo", "## Notes", "## Tiers"):
         assert heading in md
     assert "1 diverging: Anp32b" in md and "scvelo_rs: not importable" in md
