@@ -91,6 +91,19 @@ def _velocity_compare(ref, test):
     return out
 
 
+def _fitter(name: str, var_names, n_jobs: int):
+    """The call that fits a copy: ``scvelo`` (upstream), jaxvelo ``exact`` or ``gradient``."""
+    import scvelo as scv
+
+    import jaxvelo
+
+    kw = dict(var_names=var_names, n_jobs=n_jobs, show_progress_bar=False)
+    if name == "scvelo":
+        return lambda a: scv.tl.recover_dynamics(a, **kw)
+    method = "gradient" if name == "gradient" else "scvelo"
+    return lambda a: jaxvelo.recover_dynamics(a, method=method, **kw)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gradient_eval", description=__doc__)
     p.add_argument("--cells", type=int, default=3000)
@@ -107,22 +120,11 @@ def main(argv=None) -> int:
     import numpy as np
     import scvelo as scv
 
-    import jaxvelo
     from jaxvelo import datasets
 
     scv.settings.verbosity = 0
     nj = args.n_jobs
-    fits = {
-        "scvelo": lambda a: scv.tl.recover_dynamics(
-            a, var_names="all", n_jobs=nj, show_progress_bar=False
-        ),  # fmt: skip
-        "exact": lambda a: jaxvelo.recover_dynamics(
-            a, var_names="all", n_jobs=nj, show_progress_bar=False
-        ),  # fmt: skip
-        "gradient": lambda a: jaxvelo.recover_dynamics(
-            a, var_names="all", n_jobs=nj, method="gradient", show_progress_bar=False
-        ),  # fmt: skip
-    }
+    fits = {name: _fitter(name, "all", nj) for name in ("scvelo", "exact", "gradient")}
     res: dict = {"cells": args.cells, "genes": args.genes, "n_jobs": nj,
                  "cpus": os.cpu_count(), "simulated": {}, "pancreas": {}}  # fmt: skip
     print(f"simulating {args.cells} x {args.genes} ...", flush=True)
@@ -153,14 +155,7 @@ def main(argv=None) -> int:
         pfits = {}
         for name in ("scvelo", "gradient"):
             print(f"pancreas: {name} ...", flush=True)
-            fn = (
-                (lambda a: scv.tl.recover_dynamics(a, var_names=names, n_jobs=nj,
-                                                   show_progress_bar=False))
-                if name == "scvelo"
-                else (lambda a: jaxvelo.recover_dynamics(a, var_names=names, n_jobs=nj,
-                                                         method="gradient",
-                                                         show_progress_bar=False))
-            )  # fmt: skip
+            fn = _fitter(name, names, nj)
             fit, times = _fit_times(fn, a0, calls=1 if name == "scvelo" else 2)
             pfits[name] = fit
             lik = fit.var["fit_likelihood"].values
