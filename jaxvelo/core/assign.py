@@ -6,6 +6,7 @@ All functions act on one gene; cells are a fixed axis and ragged subsets are mas
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -14,11 +15,12 @@ import jax.numpy as jnp
 from jax import Array
 
 from .kinetics import linspace, solution, tau_inv
-from .numerics import fma_barrier, np_percentile_masked, true_divide
+from .numerics import cond_any, fma_barrier, np_percentile_masked, true_divide
 from .numerics import fma_barrier as fb
 from .numerics import round32 as r32
 
 _UNROLL = 8  # loop bodies per while-loop iteration in the per-cell loops
+_UNROLL_SMOOTH = 2  # the smoothing loops: their gathers dominate; unrolling costs compile time
 
 
 class Neighbors(NamedTuple):
@@ -60,7 +62,7 @@ def _smooth_cells_first(nbrs: Neighbors, x: Array) -> Array:
         # connectivities and squared distances are non-negative), which saves a memset.
         first = fma_barrier(v[:, 0, None] * x[idx[:, 0]])
         # unrolled: XLA:CPU pays a few microseconds per while-loop iteration
-        outs.append(jax.lax.fori_loop(1, idx.shape[1], body, first, unroll=_UNROLL))
+        outs.append(jax.lax.fori_loop(1, idx.shape[1], body, first, unroll=_UNROLL_SMOOTH))
     return jnp.concatenate(outs)[nbrs.inv]
 
 
@@ -115,6 +117,44 @@ def _project(u: Array, s: Array, gu: Array, gs: Array, tpoints: Array) -> Array:
     return tpoints[arg]
 
 
+def _inverse(u, s, alpha, beta, gamma, t_, u0_, s0_, f32):
+    """``assign_tau``'s inverse-formula branch (utils ~196-203)."""
+    f_on = None if f32 is None else {**f32, "u0": True, "s0": True}  # ints 0
+    tau = tau_inv(u, s, 0, 0, alpha, beta, gamma, f_on)
+    tau = jnp.clip(tau, 0, t_)
+    f_off = None if f32 is None else {**f32, "alpha": True}  # alpha = 0 (int)
+    tau_ = tau_inv(u, s, u0_, s0_, 0, beta, gamma, f_off)
+    tau_max = jnp.max(jnp.where(s > 0, tau_, -jnp.inf))
+    tau_ = jnp.clip(tau_, 0, tau_max)
+    return tau, tau_
+
+
+def _projection(u, s, alpha, beta, gamma, t_, u0_, s0_, f32):
+    """``assign_tau``'s projection branch (utils ~185-195)."""
+    num = _projection_grid_size(u.shape[0])
+    u_min = jnp.min(jnp.where(s > 0, u, jnp.inf))
+    t0 = tau_inv(u_min, u0=u0_, alpha=0, beta=beta)
+    tpoints = linspace(0, t_, num)
+    tpoints_ = linspace(0, t0, num)[1:]
+    f_on = None if f32 is None else {**f32, "u0": True, "s0": True}
+    f_off = None if f32 is None else {**f32, "alpha": True}
+    gu, gs = solution(tpoints, alpha, beta, gamma, f32=f_on)
+    if f32 is not None and tpoints.dtype == jnp.float64:
+        # utils ~193: np.linspace(0, t_) is float32 for a float32 t_, and so are the
+        # assigned times; with float32 rates the 'on' curve is float32 too.
+        t32 = f32["t_"]
+        f = jnp.float32
+        tp32 = linspace(jnp.asarray(0, f), t_.astype(f), num)
+        all32 = t32 & f32["alpha"] & f32["beta"] & f32["gamma"]
+        gu32, gs32 = solution(tp32, alpha.astype(f), beta.astype(f), gamma.astype(f))
+        gu64, gs64 = solution(tp32.astype(tpoints.dtype), alpha, beta, gamma, f32=f_on)
+        tpoints = jnp.where(t32, tp32.astype(tpoints.dtype), tpoints)
+        gu = jnp.where(all32, gu32.astype(gu.dtype), jnp.where(t32, gu64, gu))
+        gs = jnp.where(all32, gs32.astype(gs.dtype), jnp.where(t32, gs64, gs))
+    gu_, gs_ = solution(tpoints_, 0, beta, gamma, u0_, s0_, f32=f_off)
+    return _project(u, s, gu, gs, tpoints), _project(u, s, gu_, gs_, tpoints_)
+
+
 def assign_tau(
     u: Array,
     s: Array,
@@ -124,58 +164,81 @@ def assign_tau(
     t_: Array,
     u0_: Array,
     s0_: Array,
-    assignment_mode: str | None,
+    assignment_mode: str | ModeSwitch | None,
     f32: dict | None = None,
 ) -> tuple[Array, Array]:
     """``_em_model_utils.assign_tau``: (tau, tau_) by projection or by the inverse formula.
 
     ``"projection"`` projects only when ``beta < gamma`` (utils ~189-191); both branches
-    are computed and selected per gene.
+    are computed and selected per gene. A :class:`ModeSwitch` picks the mode at run time.
     """
-    projection_modes = {"full_projection", "partial_projection", "projection"}
-
-    def inverse():
-        f_on = None if f32 is None else {**f32, "u0": True, "s0": True}  # ints 0
-        tau = tau_inv(u, s, 0, 0, alpha, beta, gamma, f_on)
-        tau = jnp.clip(tau, 0, t_)
-        f_off = None if f32 is None else {**f32, "alpha": True}  # alpha = 0 (int)
-        tau_ = tau_inv(u, s, u0_, s0_, 0, beta, gamma, f_off)
-        tau_max = jnp.max(jnp.where(s > 0, tau_, -jnp.inf))
-        tau_ = jnp.clip(tau_, 0, tau_max)
-        return tau, tau_
-
-    def projection():
-        num = _projection_grid_size(u.shape[0])
-        u_min = jnp.min(jnp.where(s > 0, u, jnp.inf))
-        t0 = tau_inv(u_min, u0=u0_, alpha=0, beta=beta)
-        tpoints = linspace(0, t_, num)
-        tpoints_ = linspace(0, t0, num)[1:]
-        f_on = None if f32 is None else {**f32, "u0": True, "s0": True}
-        f_off = None if f32 is None else {**f32, "alpha": True}
-        gu, gs = solution(tpoints, alpha, beta, gamma, f32=f_on)
-        if f32 is not None and tpoints.dtype == jnp.float64:
-            # utils ~193: np.linspace(0, t_) is float32 for a float32 t_, and so are the
-            # assigned times; with float32 rates the 'on' curve is float32 too.
-            t32 = f32["t_"]
-            f = jnp.float32
-            tp32 = linspace(jnp.asarray(0, f), t_.astype(f), num)
-            all32 = t32 & f32["alpha"] & f32["beta"] & f32["gamma"]
-            gu32, gs32 = solution(tp32, alpha.astype(f), beta.astype(f), gamma.astype(f))
-            gu64, gs64 = solution(tp32.astype(tpoints.dtype), alpha, beta, gamma, f32=f_on)
-            tpoints = jnp.where(t32, tp32.astype(tpoints.dtype), tpoints)
-            gu = jnp.where(all32, gu32.astype(gu.dtype), jnp.where(t32, gu64, gu))
-            gs = jnp.where(all32, gs32.astype(gs.dtype), jnp.where(t32, gs64, gs))
-        gu_, gs_ = solution(tpoints_, 0, beta, gamma, u0_, s0_, f32=f_off)
-        return _project(u, s, gu, gs, tpoints), _project(u, s, gu_, gs_, tpoints_)
-
-    if assignment_mode not in projection_modes:
-        return inverse()
-    if assignment_mode == "projection":
-        tau_p, tau_p_ = projection()
-        tau_i, tau_i_ = inverse()
+    ops = (u, s, alpha, beta, gamma, t_, u0_, s0_, f32)
+    if isinstance(assignment_mode, ModeSwitch):
+        return _switched(assignment_mode, ops)
+    kind = _kind(assignment_mode)
+    if kind == "inverse":
+        return _inverse(*ops)
+    if kind == "projection":
+        tau_p, tau_p_ = _projection(*ops)
+        tau_i, tau_i_ = _inverse(*ops)
         use = beta < gamma
         return jnp.where(use, tau_p, tau_i), jnp.where(use, tau_p_, tau_i_)
-    return projection()
+    return _projection(*ops)
+
+
+class ModeSwitch(NamedTuple):
+    """An assignment mode chosen at run time: ``modes[index]``.
+
+    ``index`` may be unbatched (a step of the EM schedule) or batched (genes at different
+    steps); either way one copy of the time assignment serves all the modes in the
+    compiled program, and the projection runs only when some gene's mode needs it.
+    """
+
+    modes: tuple
+    index: Array
+
+
+def _kind(mode: str | None) -> str:
+    if mode == "projection":
+        return "projection"  # projection where beta < gamma, else the inverse formula
+    if mode in ("full_projection", "partial_projection"):
+        return "full"
+    return "inverse"
+
+
+def _switched(ms: ModeSwitch, ops: tuple) -> tuple[Array, Array]:
+    """``assign_tau`` in mode ``ms.modes[ms.index]``: the inverse formula and the
+    projection each run (lazily, :func:`cond_any`) only where the chosen mode needs them;
+    then the mode's result is selected."""
+    kinds = tuple(_kind(m) for m in ms.modes)
+    if len(set(kinds)) == 1:
+        return assign_tau(*ops[:8], ms.modes[0], ops[8])
+    index = jnp.asarray(ms.index)
+
+    def needed(not_kind: str):
+        hit = [index == i for i, k in enumerate(kinds) if k != not_kind]
+        return functools.reduce(jnp.logical_or, hit, jnp.asarray(False))
+
+    def zeros(*o):
+        shape = jnp.shape(o[0])
+        dtype = jnp.result_type(o[0], o[2], o[3], o[4], o[5])
+        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+    inv = cond_any(needed("full"), _inverse, zeros, *ops)
+    proj = cond_any(needed("inverse"), _projection, zeros, *ops)
+    use_proj = ops[3] < ops[4]  # beta < gamma
+
+    def select(kind):
+        if kind == "inverse":
+            return inv
+        if kind == "full":
+            return proj
+        return tuple(jnp.where(use_proj, p, i) for p, i in zip(proj, inv, strict=True))
+
+    out = select(kinds[0])
+    for i, k in enumerate(kinds[1:], 1):
+        out = tuple(jnp.where(index == i, n, o) for n, o in zip(select(k), out, strict=True))
+    return out
 
 
 def _sorted_gaps(x: Array, mask: Array) -> tuple[Array, Array, Array]:
@@ -293,7 +356,7 @@ def assign_timepoints(
     std_u: Array,
     std_s: Array,
     nbrs: Neighbors | None,
-    assignment_mode: str | None,
+    assignment_mode: str | ModeSwitch | None,
     fit_steady_states: bool = True,
     fl=None,
 ) -> Assignment:

@@ -9,6 +9,7 @@ returns the next state. Parameter vectors use upstream's ``pars`` order
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -17,11 +18,12 @@ import jax.numpy as jnp
 from jax import Array
 
 from . import objective as obj
-from .assign import Assignment, Neighbors, assign_timepoints
+from .assign import Assignment, ModeSwitch, Neighbors, assign_timepoints
 from .kinetics import linspace, solution, tau_inv, unspliced
-from .nelder_mead import nelder_mead
+from .nelder_mead import nm_consume, nm_init, nm_options, nm_propose
 from .numerics import (
     compact,
+    cond_any,
     fma_barrier,
     np_mean,
     np_percentile,
@@ -176,12 +178,14 @@ def _overlay(state: EMState, idx: tuple[int, ...], x: Array) -> Array:
     return p.at[T_].set(jnp.where(p[T_] == 0, state.pars[T_], p[T_]))
 
 
-def _assign(st: Static, p: Array, mode: str | None, nbrs, cfg: FitConfig, fl=None) -> Assignment:
+def _assign(st: Static, p: Array, mode, nbrs, cfg: FitConfig, fl=None, t32=None) -> Assignment:
+    """The time assignment of the parameters ``p``; ``fl``: the float32 flags, with the
+    time flag meaning "the data layers are float32" (``st.data32``, or ``t32``)."""
     alpha, beta, gamma, scaling, t_ = _vars(p)
     u = true_divide(st.u, scaling)
     if fl is not None:
         u = r32(u, fl.scaling & st.data32)
-        fl = fl._replace(t=st.data32)
+        fl = fl._replace(t=st.data32 if t32 is None else t32)
     return assign_timepoints(
         u, st.s, alpha, beta, gamma, scaling, t_, st.std_u, st.std_s,
         nbrs, mode, cfg.fit_steady_states, fl,
@@ -246,18 +250,163 @@ def _same(state: EMState) -> Candidate:
     return Candidate(state.pars, state.f32, state.beta_int)
 
 
-def _time_sel(state, st, p, modes, final, nbrs, cfg, refit, fl=None):
-    """``_time`` with the assignment mode chosen by ``final`` (an unbatched flag, so
-    ``lax.cond`` runs one branch) when the pre-training and final modes differ."""
+def _mode(modes: tuple[str | None, str | None], final: Array | bool):
+    """The assignment mode of a step: ``modes = (pre-training, final)`` chosen by
+    ``final``, a Python bool or a traced flag (then a :class:`ModeSwitch`, so that one
+    compiled assignment serves both modes)."""
     pre_mode, final_mode = modes
     if pre_mode == final_mode or isinstance(final, bool):
-        mode = final_mode if final is True else pre_mode
-        return _time(state, st, p, mode, nbrs, cfg, refit, fl)
-    return jax.lax.cond(
-        final,
-        lambda: _time(state, st, p, final_mode, nbrs, cfg, refit, fl),
-        lambda: _time(state, st, p, pre_mode, nbrs, cfg, refit, fl),
+        return final_mode if final is True else pre_mode
+    return ModeSwitch(modes, jnp.asarray(final).astype(jnp.int32))
+
+
+class _Eval(NamedTuple):
+    """One evaluation of ``update()``: a time assignment and its loss (``get_se``)."""
+
+    t: Array
+    tau: Array
+    o: Array
+    loss: Array
+
+
+def _stored(state: EMState) -> _Eval:
+    return _Eval(state.t, state.tau, state.o, state.loss_last)
+
+
+def _stack3(e: _Eval) -> _Eval:
+    return jax.tree_util.tree_map(lambda x: jnp.stack([x] * 3), e)
+
+
+def _row(evals: _Eval, j) -> _Eval:
+    return jax.tree_util.tree_map(lambda x: x[j], evals)
+
+
+def _evaluate(state: EMState, st: Static, p, fl, mode, nbrs, cfg: FitConfig, refit) -> _Eval:
+    """The time assignment of ``p`` (``get_time_assignment``; the stored one unless
+    ``refit``) and its loss. ``refit``: a Python bool, or a per-gene flag (then the
+    assignment runs only when some gene of the batch needs it, :func:`cond_any`)."""
+    if isinstance(refit, bool):
+        t, tau, o = _time(state, st, p, mode, nbrs, cfg, refit, fl)
+    else:
+        modes = mode.modes if isinstance(mode, ModeSwitch) else None
+        index = mode.index if isinstance(mode, ModeSwitch) else None
+
+        def assigned(st, p, fl, nbrs, index, t, tau, o):
+            a = _assign(st, p, mode if index is None else ModeSwitch(modes, index), nbrs, cfg, fl)
+            return a.t, a.tau, a.o
+
+        def kept(st, p, fl, nbrs, index, t, tau, o):
+            return t, tau, o
+
+        t, tau, o = cond_any(refit, assigned, kept, st, p, fl, nbrs, index, state.t, state.tau,
+                             state.o)  # fmt: skip
+    return _Eval(t, tau, o, _se(st, t, p, state.ratio, fl))
+
+
+def _recompute(cfg: FitConfig, modes, final) -> Array | bool:
+    """Whether ``update()``'s re-assignment of the current parameters (core ~334-336) can
+    differ from the stored one: only when the assignment mode changed since it was stored
+    (the switch to the final mode, full_projection) or with load_pars, where the stored
+    t is the loaded one, not an assignment of these parameters (utils ~851)."""
+    if not cfg.fit_time:
+        return False
+    if modes[0] is not None or cfg.load_pars:
+        return True
+    if isinstance(final, bool):
+        return bool(final and modes[1] is not None)
+    return final if modes[1] is not None else False
+
+
+class _Alt(NamedTuple):
+    perform: Array
+    best: _Eval  # the new evaluation if accepted, else the current one
+    pars: Array
+    f32: Array
+    beta_int: Array
+    t32: Array
+    try_alt: Array
+    p_alt: Array
+    fl: obj.Flags
+
+
+def _alternative(state: EMState, cand: Candidate, r0: _Eval, r1: _Eval, t32_c, cfg) -> _Alt:
+    """The adjust-t_ alternative of ``update()`` (core ~337-353) from the evaluations of
+    the proposed (``r0``) and the current (``r1``) parameters."""
+    no = jnp.asarray(False)
+    perform = r0.loss < state.loss_last
+    on = state.o == 1
+    b = jax.tree_util.tree_map(lambda x, y: jnp.where(perform, x, y), r0, r1)
+    p = jnp.where(perform, cand.pars, state.pars)
+    f32 = jnp.where(perform, cand.f32, state.f32)
+    beta_int = jnp.where(perform, cand.beta_int, state.beta_int)
+    t32 = jnp.where(perform, no, t32_c)
+    t_ = p[T_]
+    alt_t_ = jnp.max(jnp.where(on, b.t, -jnp.inf))
+    try_alt = jnp.any(on) & (0 < alt_t_) & (alt_t_ < t_)
+    # core ~342: np.max(t) / len(t) is float32 for a float32 t; * np.sum(...) -> float64
+    # (the product is fenced: XLA would contract ``a + b * c`` into one FMA)
+    step = r32(true_divide(jnp.max(b.t), cfg.n_obs), t32) * jnp.sum(b.t == t_)
+    alt_t_ = alt_t_ + fma_barrier(step)
+    # alt_t_ > 0 here, so get_vars keeps it
+    p_alt = p.at[T_].set(jnp.where(try_alt, alt_t_, t_))
+    fl = _flags(f32.at[T_].set(False), beta_int, no, state.ratio32)
+    return _Alt(perform, b, p, f32, beta_int, t32, try_alt, p_alt, fl)
+
+
+def _update_input(k, state: EMState, cand: Candidate, r0: _Eval, r1: _Eval, t32_c, cfg):
+    """Parameters and float32 flags of ``update()``'s evaluation ``k``: 0 the proposed
+    parameters, 1 the current ones, 2 the adjust-t_ alternative."""
+    no = jnp.asarray(False)
+    alt = _alternative(state, cand, r0, r1, t32_c, cfg)
+    fl_new = _flags(cand.f32, cand.beta_int, no, state.ratio32)
+    fl_cur = _flags(state.f32, state.beta_int, no, state.ratio32)
+
+    def pick(a, b, c):
+        return jnp.where(k == 0, a, jnp.where(k == 1, b, c))
+
+    p = pick(cand.pars, state.pars, alt.p_alt)
+    fl = jax.tree_util.tree_map(pick, fl_new, fl_cur, alt.fl)
+    return p, fl
+
+
+def _update_outcome(state: EMState, cand: Candidate, evals: _Eval, adjust_t_, t32_c, cfg):
+    """``update()``'s decision (core ~324-378) from its evaluations: the arguments of
+    :func:`_commit`."""
+    no = jnp.asarray(False)
+    r0, r1, r2 = (_row(evals, j) for j in range(3))
+    plain = (r0.loss < state.loss_last, cand.pars, r0.t, r0.tau, r0.o, r0.loss, cand.f32,
+             cand.beta_int, no)  # fmt: skip
+    if isinstance(adjust_t_, bool) and not adjust_t_:
+        return plain
+    a = _alternative(state, cand, r0, r1, t32_c, cfg)
+    alpha, beta, gamma, _, t_ = _vars(a.pars)
+    # unspliced(t_, 0, alpha, beta) on numpy scalars (float32 where they are)
+    ut_cur = obj.switch_state(t_, alpha, beta, gamma, _flags(a.f32, a.beta_int, no, no))[0]
+    ut_alt = unspliced(a.p_alt[T_], 0, alpha, beta)
+    min_loss = jnp.minimum(a.best.loss, state.loss_last)
+    take = a.try_alt & ((r2.loss * 0.99 <= min_loss) | (ut_cur * 0.99 < ut_alt))
+    b = a.best
+    with_alt = (
+        a.perform | take,
+        jnp.where(take, a.p_alt, a.pars),
+        jnp.where(take, r2.t, b.t),
+        jnp.where(take, r2.tau, b.tau),
+        jnp.where(take, r2.o, b.o),
+        jnp.where(take, r2.loss, b.loss),
+        jnp.where(take, a.f32.at[T_].set(False), a.f32),
+        a.beta_int,
+        jnp.where(take, no, a.t32),
     )
+    if isinstance(adjust_t_, bool):
+        return with_alt
+    return tuple(jnp.where(adjust_t_, w, q) for w, q in zip(with_alt, plain, strict=True))
+
+
+def _next_eval(k, adjust_t_, recompute):
+    """The evaluation after ``k`` (3: the update is decided): 0 -> 1 (re-assign the
+    current parameters) or 2 (alternative t_) with ``adjust_t_``; 1 -> 2; 2 -> done."""
+    after0 = jnp.where(adjust_t_, jnp.where(recompute, 1, 2), 3)
+    return jnp.where(k == 0, after0, k + 1).astype(jnp.int32)
 
 
 def update(
@@ -273,162 +422,246 @@ def update(
     """``DynamicsRecovery.update`` (core ~311-378) for the proposed parameters ``cand``.
 
     ``modes = (pre-training mode, final mode)``; ``final`` selects one, ``adjust_t_`` is
-    upstream's flag (both may be unbatched traced flags of the schedule loop). When the new
-    parameters are rejected upstream recomputes the current assignment and loss
-    (core ~334-336); both are deterministic functions of the current parameters and equal
-    the stored ``(t, tau, o)`` and ``loss[-1]``, which are reused here.
+    upstream's flag. Upstream assigns times up to three times: the proposed parameters;
+    when they are rejected and ``adjust_t_``, the current ones again (core ~334-336), a
+    deterministic function of the current parameters, equal to the stored ``(t, tau, o)``
+    and ``loss[-1]`` unless :func:`_recompute`; and the alternative ``t_`` (core ~338-353).
+    The evaluations run as one loop over a single evaluation site, so the program holds
+    one copy of the time assignment. (The EM schedule, :func:`_run_schedule`, drives the
+    same steps from its own loop.)
     """
-    no = jnp.asarray(False)
-    refit = cfg.fit_time
-    loss_prev = state.loss_last
-    p_new = cand.pars
-    fl_new = _flags(cand.f32, cand.beta_int, no, state.ratio32)
-    t, tau, o = _time_sel(state, st, p_new, modes, final, nbrs, cfg, refit, fl_new)
-    loss = _se(st, t, p_new, state.ratio, fl_new)
-    perform = loss < loss_prev
+    mode = _mode(modes, final)
+    recompute = _recompute(cfg, modes, final)
+    t32_c = jnp.where(recompute, False, state.t32)
 
-    def plain(_):
-        return perform, p_new, t, tau, o, loss, cand.f32, cand.beta_int, no
+    def body(k, evals):
+        def do():
+            p, fl = _update_input(k, state, cand, _row(evals, 0), _row(evals, 1), t32_c, cfg)
+            r = _evaluate(state, st, p, fl, mode, nbrs, cfg, cfg.fit_time)
+            return jax.tree_util.tree_map(lambda x, y: x.at[k].set(y), evals, r)
 
-    def current():
-        """Upstream re-assigns the current parameters in the *current* mode (core ~334-336).
-        That equals the stored assignment unless the mode changed since it was made: the
-        switch to the final assignment mode (and full_projection's first fit stages)."""
-        fl_cur = _flags(state.f32, state.beta_int, no, state.ratio32)
-
-        def recompute():
-            t_c, tau_c, o_c = _time_sel(state, st, state.pars, modes, final, nbrs, cfg, refit,
-                                        fl_cur)  # fmt: skip
-            return t_c, tau_c, o_c, _se(st, t_c, state.pars, state.ratio, fl_cur), no
-
-        def stored():
-            return state.t, state.tau, state.o, loss_prev, state.t32
-
-        if not refit:
-            return stored()
-        if modes[0] is not None or cfg.load_pars:
-            # load_pars: the stored t is the loaded one, not an assignment of these
-            # parameters (utils ~851), so re-assign as upstream does
-            return recompute()
-        if isinstance(final, bool):
-            return recompute() if (final and modes[1] is not None) else stored()
-        if modes[1] is None:
-            return stored()
-        return jax.lax.cond(final, recompute, stored)
-
-    def with_alt(_):
-        on = state.o == 1
-        t_c, tau_c, o_c, loss_c, t32_c = current()
-        p = jnp.where(perform, p_new, state.pars)
-        t_b = jnp.where(perform, t, t_c)
-        tau_b = jnp.where(perform, tau, tau_c)
-        o_b = jnp.where(perform, o, o_c)
-        loss_b = jnp.where(perform, loss, loss_c)
-        f32 = jnp.where(perform, cand.f32, state.f32)
-        beta_int = jnp.where(perform, cand.beta_int, state.beta_int)
-        t32 = jnp.where(perform, no, t32_c)
-        alpha, beta, gamma, scaling, t_ = _vars(p)
-
-        alt_t_ = jnp.max(jnp.where(on, t_b, -jnp.inf))
-        try_alt = jnp.any(on) & (0 < alt_t_) & (alt_t_ < t_)
-        # core ~342: np.max(t) / len(t) is float32 for a float32 t; * np.sum(...) -> float64
-        # (the product is fenced: XLA would contract ``a + b * c`` into one FMA)
-        step = r32(true_divide(jnp.max(t_b), cfg.n_obs), t32) * jnp.sum(t_b == t_)
-        alt_t_ = alt_t_ + fma_barrier(step)
-        # alt_t_ > 0 here, so get_vars keeps it
-        p_alt = p.at[T_].set(jnp.where(try_alt, alt_t_, t_))
-        alt_fl = _flags(f32.at[T_].set(False), beta_int, no, state.ratio32)
-        alt_t, alt_tau, alt_o = _time_sel(state, st, p_alt, modes, final, nbrs, cfg, refit,
-                                          alt_fl)  # fmt: skip
-        alt_loss = _se(st, alt_t, p_alt, state.ratio, alt_fl)
-        # unspliced(t_, 0, alpha, beta) on numpy scalars (float32 where they are)
-        ut_cur = obj.switch_state(t_, alpha, beta, gamma, _flags(f32, beta_int, no, no))[0]
-        ut_alt = unspliced(p_alt[T_], 0, alpha, beta)
-        min_loss = jnp.minimum(loss_b, loss_prev)
-        take = try_alt & ((alt_loss * 0.99 <= min_loss) | (ut_cur * 0.99 < ut_alt))
-        return (
-            perform | take,
-            jnp.where(take, p_alt, p),
-            jnp.where(take, alt_t, t_b),
-            jnp.where(take, alt_tau, tau_b),
-            jnp.where(take, alt_o, o_b),
-            jnp.where(take, alt_loss, loss_b),
-            jnp.where(take, f32.at[T_].set(False), f32),
-            beta_int,
-            jnp.where(take, no, t32),
-        )
+        return jax.lax.cond((k != 1) | recompute, do, lambda: evals)
 
     if isinstance(adjust_t_, bool):
-        out = with_alt(None) if adjust_t_ else plain(None)
+        n_eval = 3 if adjust_t_ else 1
     else:
-        out = jax.lax.cond(adjust_t_, with_alt, plain, None)
-    return _commit(state, *out)
+        n_eval = jnp.where(adjust_t_, 3, 1)
+    evals = jax.lax.fori_loop(0, n_eval, body, _stack3(_stored(state)))
+    return _commit(state, *_update_outcome(state, cand, evals, adjust_t_, t32_c, cfg))
 
 
-def _nm_stage(
-    state: EMState,
-    st: Static,
-    idx: tuple[int, ...],
-    nbrs,
-    cfg: FitConfig,
-    mode: str | None,
-    tol: float | None,
-    refit_objective: bool = True,
-    modes: tuple = (None, None),
-    final: Array | bool = False,
-) -> tuple[Candidate, EMState]:
-    """One ``fit_*`` stage (core ~196-262): Nelder-Mead on ``get_mse`` over the parameters
-    ``idx``; returns the result as the candidate of the ``update()`` that follows.
-
-    With ``high_pars_resolution`` upstream's ``cb_fit_*`` callbacks run ``update()`` with
-    the best vertex after every Nelder-Mead iteration (core ~266-306); the objective then
-    sees the updated state (e.g. a ``t_`` moved by the adjust-t_ alternative)."""
-    if cfg.high_pars_resolution:
-        return _nm_stage_cb(state, st, idx, nbrs, cfg, mode, tol, refit_objective, modes,
-                            final)  # fmt: skip
-    x0 = state.pars[jnp.asarray(idx)]
-    # np.array([...]) of numpy float32 scalars is float32; a Python int (beta) or any
-    # float64 makes it float64, and scipy keeps x0's dtype for the simplex (PARITY.md).
-    x32 = jnp.all(state.f32[jnp.asarray(idx)])
-    refit = refit_objective and cfg.fit_time
-    f32_x = state.f32.at[jnp.asarray(idx)].set(x32)
-    beta_int_x = state.beta_int & (BETA not in idx)
-    fl = _flags(f32_x, beta_int_x, jnp.asarray(False) if refit else state.t32, state.ratio32)
-
-    def mse(x):
-        p = _overlay(state, idx, x)
-        t, _, _ = _time(state, st, p, mode, nbrs, cfg, refit, fl)
-        return obj.mse(t, st.u, st.s, st.w, _vars(p), st.std_u, st.std_s, state.ratio, fl)
-
-    tol_kw = {} if tol is None else {"xatol": tol, "fatol": tol}
-    res, _ = nelder_mead(mse, x0, maxiter=cfg.nm_maxiter, round32=x32, **tol_kw)
-    return Candidate(_overlay(state, idx, res.x), f32_x, beta_int_x), state
+# ----------------------------------------------------------------------------- schedule
+_SCALE, _ALPHA, _SAME, _NM = range(4)
 
 
-def _nm_stage_cb(state, st, idx, nbrs, cfg, mode, tol, refit_objective, modes, final):
-    """:func:`_nm_stage` with upstream's per-iteration ``update()`` callbacks."""
-    x0 = state.pars[jnp.asarray(idx)]
-    x32 = jnp.all(state.f32[jnp.asarray(idx)])
-    refit = refit_objective and cfg.fit_time
+class _Step(NamedTuple):
+    """One ``update()`` of ``DynamicsRecovery`` (static): how its candidate is made,
+    the assignment mode (index into ``(None, pre-training mode, final mode)``), its
+    ``adjust_t_``, whether it re-assigns the current parameters, the Nelder-Mead stage."""
 
-    def candidate(cur, x):
-        # x has the simplex's dtype (scipy hands the callback a copy of sim[0])
-        return Candidate(_overlay(cur, idx, x), cur.f32.at[jnp.asarray(idx)].set(x32),
-                         cur.beta_int & (BETA not in idx))  # fmt: skip
+    kind: int
+    arg: int
+    mode: int
+    adjust: bool
+    recompute: bool
+    stage: int = -1
 
-    def mse(x, cur):
-        c = candidate(cur, x)
-        fl = _flags(c.f32, c.beta_int, jnp.asarray(False) if refit else cur.t32, cur.ratio32)
-        t, _, _ = _time(cur, st, c.pars, mode, nbrs, cfg, refit, fl)
-        return obj.mse(t, st.u, st.s, st.w, _vars(c.pars), st.std_u, st.std_s, cur.ratio, fl)
 
-    def callback(x, cur):
-        return update(cur, st, candidate(cur, x), nbrs, cfg, modes, final, True)
+class _Stage(NamedTuple):
+    """One ``fit_*`` Nelder-Mead stage (core ~196-262), static."""
 
-    tol_kw = {} if tol is None else {"xatol": tol, "fatol": tol}
-    res, state = nelder_mead(mse, x0, maxiter=cfg.nm_maxiter, round32=x32, callback=callback,
-                             cb_state=state, fun_uses_cb_state=True, **tol_kw)  # fmt: skip
-    return candidate(state, res.x), state
+    idx: tuple
+    mode: int
+    tol: float | None
+    refit: bool
+
+
+def _schedule(cfg: FitConfig, modes, scaling_steps: bool) -> tuple[list, list]:
+    """The update() calls of ``initialize_scaling`` (core ~117-121, when
+    ``scaling_steps``) and ``fit()`` (core ~124-151), in order."""
+    steps: list[_Step] = []
+    stages: list[_Stage] = []
+    if scaling_steps and cfg.do_fit_scaling:
+        rc = _recompute(cfg, (None, None), False)
+        steps += [_Step(_SCALE, i, 0, True, rc) for i in range(8)]
+    pre_rc, fin_rc = _recompute(cfg, modes, False), _recompute(cfg, modes, True)
+    if cfg.max_iter > 0:
+        steps += [_Step(_ALPHA, j, 1, True, pre_rc) for j in range(5)]
+        pre_stages = [((T_, ALPHA), None)]
+        if cfg.do_fit_scaling:
+            pre_stages.append(((T_, BETA, SCALING), None))
+        pre_stages += [((ALPHA, GAMMA), 1e-2), ((T_,), None), ((T_, ALPHA, BETA, GAMMA), 1e-2)]
+        for idx, tol in pre_stages:
+            stages.append(_Stage(idx, 1, tol, cfg.fit_time))
+            steps.append(_Step(_NM, 0, 1, True, pre_rc, len(stages) - 1))
+        steps.append(_Step(_SAME, 0, 2, False, fin_rc))  # update(adjust_t_=False), final mode
+        stages.append(_Stage((T_, ALPHA, BETA, GAMMA), 2, 1e-2, False))
+        steps.append(_Step(_NM, 0, 2, True, fin_rc, len(stages) - 1))
+    steps.append(_Step(_SAME, 0, 2, True, fin_rc))  # the final update()
+    return steps, stages
+
+
+class _Machine(NamedTuple):
+    """Per-gene position in the schedule (see :func:`_run_schedule`)."""
+
+    em: EMState
+    step: Array  # int32 index into the schedule
+    upd: Array  # bool: evaluating an update() (else: running the step's Nelder-Mead)
+    k: Array  # int32: the update()'s evaluation, :func:`_next_eval`
+    evals: _Eval  # the update()'s evaluations, stacked (3, ...)
+    cand: Candidate  # the update()'s proposed parameters
+    back: Array  # bool: after this update() go back to the Nelder-Mead (callbacks)
+    nm: tuple  # NMState per stage
+    sc0: Array  # initialize_scaling's z_vals centre
+    alpha0: Array  # alpha when fit() starts (fit_t_and_alpha's grid centre)
+    done: Array
+
+
+def _nm_candidate(state: EMState, idx: tuple, x32, x) -> Candidate:
+    """The parameters at the simplex point ``x`` of a stage on ``idx``: ``x`` has the
+    simplex's dtype; np.array([...]) of numpy float32 scalars is float32, a Python int
+    (beta) or any float64 makes it float64, and scipy keeps x0's dtype (PARITY.md)."""
+    return Candidate(_overlay(state, idx, x), state.f32.at[jnp.asarray(idx)].set(x32),
+                     state.beta_int & (BETA not in idx))  # fmt: skip
+
+
+def _nm_start(state: EMState, idx: tuple):
+    """A stage's simplex from the current parameters: float32 when all of them are
+    numpy float32 (``round32``, PARITY.md)."""
+    i = jnp.asarray(idx)
+    return nm_init(None, state.pars[i], None, jnp.all(state.f32[i]))
+
+
+def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
+                  scaling_steps: bool) -> EMState:  # fmt: skip
+    """``initialize_scaling`` (with ``scaling_steps``; then the ``steady_state_ratio`` is
+    set, core ~121-122) and ``DynamicsRecovery.fit`` (core ~124-151) as one loop with a
+    single evaluation site.
+
+    Every iteration each gene makes exactly one time assignment + loss evaluation: for the
+    Nelder-Mead stage it is in (:func:`nm_propose` / :func:`nm_consume`; the objective is
+    ``get_mse`` of the candidate) or for the ``update()`` it is in (:func:`_update_input`,
+    :func:`_update_outcome`). Genes advance through the schedule independently, so a
+    batch costs its gene with the most evaluations, not the sum over stages of each
+    stage's slowest gene, and the compiled program holds one copy of the assignment
+    instead of one per stage, update evaluation and mode. With ``high_pars_resolution``
+    an update() with the best vertex follows every Nelder-Mead iteration (core ~266-306).
+    """
+    steps, stages = _schedule(cfg, modes, scaling_steps)
+    n_steps = len(steps)
+    n_scale = sum(s_.kind == _SCALE for s_ in steps)
+    table = {f: jnp.asarray([getattr(s_, f) for s_ in steps]) for f in _Step._fields}
+    modes3 = (None, *modes)
+    opts = [nm_options(len(g.idx), cfg.nm_maxiter, None,
+                       *((1e-4, 1e-4) if g.tol is None else (g.tol, g.tol)))
+            for g in stages]  # fmt: skip
+    lins4, lins5 = linspace(-1.0, 1.0, 4), linspace(-1.0, 1.0, 5)
+    no = jnp.asarray(False)
+    set_ratio = scaling_steps  # the ratio is set after initialize_scaling (else: loaded)
+
+    def enter(m: _Machine, em: EMState, s) -> _Machine:
+        """Start step ``s`` (``s == n_steps``: finished) from the state ``em``."""
+        sc = jnp.clip(s, 0, n_steps - 1)
+        kind, arg, stage = table["kind"][sc], table["arg"][sc], table["stage"][sc]
+        if set_ratio:
+            ratio32 = _c32(em, GAMMA) & _c32(em, BETA)
+            fitting = em._replace(ratio=r32(em.pars[GAMMA] / em.pars[BETA], ratio32),
+                                  ratio32=ratio32)  # fmt: skip
+            em = _select(s == n_scale, fitting, em)
+        alpha0 = jnp.where(s == n_scale, em.pars[ALPHA], m.alpha0)
+        # initialize_scaling's tries (core ~104-115): z_vals fixed per sweep of 4
+        i = arg % 4
+        sc0 = jnp.where((kind == _SCALE) & (i == 0), em.pars[SCALING], m.sc0)
+        z = sc0 + lins4[i] * sc0 * jnp.where(arg < 4, 0.5, 0.1)  # float64 (np.linspace)
+        beta = r32(em.pars[BETA] / em.pars[SCALING], _c32(em, BETA) & em.f32[SCALING]) * z
+        c_scale = Candidate(em.pars.at[SCALING].set(z).at[BETA].set(beta),
+                            em.f32.at[SCALING].set(False).at[BETA].set(False), no)  # fmt: skip
+        # fit_t_and_alpha's alpha grid (core ~202-204, float64 candidates)
+        j = jnp.clip(arg, 0, 4)
+        c_alpha = Candidate(em.pars.at[ALPHA].set(alpha0 + true_divide(lins5[j] * alpha0, 10)),
+                            em.f32.at[ALPHA].set(False), em.beta_int)  # fmt: skip
+        cand = _same(em)
+        for kd, c in ((_SCALE, c_scale), (_ALPHA, c_alpha)):
+            cand = _select(kind == kd, c, cand)
+        nm = tuple(
+            _select((kind == _NM) & (stage == g), _nm_start(em, spec.idx), m.nm[g])
+            for g, spec in enumerate(stages)
+        )
+        return _Machine(em=em, step=s.astype(jnp.int32), upd=kind != _NM,
+                        k=jnp.zeros((), jnp.int32), evals=_stack3(_stored(em)), cand=cand,
+                        back=no, nm=nm, sc0=sc0, alpha0=alpha0, done=s >= n_steps)  # fmt: skip
+
+    def start_update(m: _Machine, em: EMState, cand: Candidate, back) -> _Machine:
+        return m._replace(em=em, upd=jnp.asarray(True), k=jnp.zeros((), jnp.int32),
+                          evals=_stack3(_stored(em)), cand=cand, back=back)  # fmt: skip
+
+    def body(m: _Machine) -> _Machine:
+        em = m.em
+        sc = jnp.clip(m.step, 0, n_steps - 1)
+        mode, adjust = table["mode"][sc], table["adjust"][sc]
+        recompute, stage = table["recompute"][sc], table["stage"][sc]
+        t32_c = jnp.where(recompute, no, em.t32)
+        # --- what to evaluate: the update()'s next evaluation or the stage's simplex point
+        p, fl = _update_input(m.k, em, m.cand, _row(m.evals, 0), _row(m.evals, 1), t32_c, cfg)
+        refit = jnp.asarray(cfg.fit_time)
+        pts = [nm_propose(nm) for nm in m.nm]
+        for g, spec in enumerate(stages):
+            here = ~m.upd & (stage == g)
+            c = _nm_candidate(em, spec.idx, m.nm[g].round32, pts[g].point)
+            g_refit = spec.refit and cfg.fit_time
+            g_fl = _flags(c.f32, c.beta_int, no if g_refit else em.t32, em.ratio32)
+            p = jnp.where(here, c.pars, p)
+            fl = _select(here, g_fl, fl)
+            refit = jnp.where(here, g_refit, refit)
+        # --- the one evaluation
+        ev = _evaluate(em, st, p, fl, ModeSwitch(modes3, mode), nbrs, cfg, refit)
+        # --- Nelder-Mead bookkeeping (get_mse = get_se / n, np.mean)
+        fval = true_divide(ev.loss, st.w.n)
+        nm_new, nm_end, nm_done = list(m.nm), no, no
+        nm_best = m.cand
+        for g, spec in enumerate(stages):
+            here = ~m.upd & (stage == g)
+            new, end_iter = nm_consume(m.nm[g], pts[g], fval, opts[g])
+            nm_new[g] = _select(here, new, m.nm[g])
+            nm_end = jnp.where(here, end_iter, nm_end)
+            nm_done = jnp.where(here, new.done, nm_done)
+            nm_best = _select(here, _nm_candidate(em, spec.idx, new.round32, new.sim[0]), nm_best)
+        in_nm = m._replace(nm=tuple(nm_new))
+        if cfg.high_pars_resolution:
+            # the callback's update() after every pass (core ~266-306); the stage's own
+            # update() follows once the minimisation has ended
+            to_upd, back = nm_end | nm_done, nm_end
+        else:
+            to_upd, back = nm_done, no
+        in_nm = _select(to_upd, start_update(in_nm, em, nm_best, back), in_nm)
+        # --- update() bookkeeping
+        evals = jax.tree_util.tree_map(lambda x, y: x.at[m.k].set(y), m.evals, ev)
+        k_next = _next_eval(m.k, adjust, recompute)
+        decided = k_next == 3
+        em_new = _commit(em, *_update_outcome(em, m.cand, evals, adjust, t32_c, cfg))
+        pending = m._replace(evals=evals, k=k_next)
+        # after a callback's update(): back to the stage, or on to its own update()
+        stage_done = functools.reduce(
+            lambda acc, g: jnp.where(stage == g, m.nm[g].done, acc), range(len(stages)), no
+        )
+        stage_best = m.cand
+        for g, spec in enumerate(stages):
+            stage_best = _select(stage == g, _nm_candidate(em_new, spec.idx, m.nm[g].round32,
+                                                           m.nm[g].sim[0]), stage_best)  # fmt: skip
+        resumed = _select(stage_done, start_update(m, em_new, stage_best, no),
+                          m._replace(em=em_new, upd=no))  # fmt: skip
+        advanced = enter(m, em_new, m.step + 1)
+        after = _select(m.back, resumed, advanced)
+        in_upd = _select(decided, after, pending)
+        return _select(m.upd, in_upd, in_nm)
+
+    nm0 = tuple(_nm_start(state, g.idx) for g in stages)
+    m0 = _Machine(em=state, step=jnp.zeros((), jnp.int32), upd=no, k=jnp.zeros((), jnp.int32),
+                  evals=_stack3(_stored(state)), cand=_same(state), back=no, nm=nm0,
+                  sc0=state.pars[SCALING], alpha0=state.pars[ALPHA], done=no)  # fmt: skip
+    m = enter(m0, state, jnp.zeros((), jnp.int32))
+    m = jax.lax.while_loop(lambda m: ~m.done, body, m)
+    return m.em
 
 
 def _initial_values(gd: GeneData, cfg: FitConfig, init_vals):
@@ -534,54 +767,6 @@ def _initialize_scaling(state: EMState, st: Static, nbrs, cfg: FitConfig) -> EMS
     return state
 
 
-def _fit_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes) -> EMState:
-    """``DynamicsRecovery.fit`` (core ~124-151) as one loop over its update() calls.
-
-    Each step proposes a candidate (an alpha try, a Nelder-Mead stage, or the current
-    parameters) and runs the shared ``update``. The step kind is an unbatched index, so
-    under ``vmap`` ``lax.switch`` executes one branch and each stage compiles once.
-    """
-    pre, final_mode = modes
-    alpha0 = state.pars[ALPHA]
-    lins = linspace(-1.0, 1.0, 5)
-
-    def alpha_try(state, j):  # fit_t_and_alpha, core ~202-204 (float64 candidates)
-        p = state.pars.at[ALPHA].set(alpha0 + true_divide(lins[j] * alpha0, 10))
-        return Candidate(p, state.f32.at[ALPHA].set(False), state.beta_int), state
-
-    def stage(idx, mode, tol, refit=True, final=False):
-        return lambda state, j: _nm_stage(state, st, idx, nbrs, cfg, mode, tol, refit, modes,
-                                          final)  # fmt: skip
-
-    branches = [alpha_try, lambda state, j: (_same(state), state)]
-    steps: list[tuple[int, int, bool, bool]] = []  # (branch, arg, final, adjust_t_)
-    if cfg.max_iter > 0:
-        steps += [(0, j, False, True) for j in range(5)]
-        stages = [((T_, ALPHA), pre, None)]
-        if cfg.do_fit_scaling:
-            stages.append(((T_, BETA, SCALING), pre, None))
-        stages += [((ALPHA, GAMMA), pre, 1e-2), ((T_,), pre, None),
-                   ((T_, ALPHA, BETA, GAMMA), pre, 1e-2)]  # fmt: skip
-        for idx, mode, tol in stages:
-            branches.append(stage(idx, mode, tol))
-            steps.append((len(branches) - 1, 0, False, True))
-        steps.append((1, 0, True, False))  # update(adjust_t_=False) in the final mode
-        branches.append(stage((T_, ALPHA, BETA, GAMMA), final_mode, 1e-2, refit=False,
-                              final=True))  # fmt: skip
-        steps.append((len(branches) - 1, 0, True, True))
-    steps.append((1, 0, True, True))  # final update()
-
-    table = [jnp.asarray([s_[k] for s_ in steps]) for k in range(4)]
-
-    def step(i, state):
-        kind, arg, final, adjust = (tbl[i] for tbl in table)
-        cand, state = jax.lax.switch(kind, branches, state, arg)
-        return update(state, st, cand, nbrs, cfg, modes, final.astype(bool),
-                      adjust.astype(bool))  # fmt: skip
-
-    return jax.lax.fori_loop(0, len(steps), step, state)
-
-
 def _loaded_state(ld: Loaded, st: Static, nbrs, cfg: FitConfig) -> EMState:
     """``BaseDynamics.load_pars`` (utils ~821-860): the stored parameters (numpy float64
     scalars from ``adata.var``), ``u0_`` from ``t_``, the stored times as given
@@ -623,17 +808,24 @@ def fit_gene(
     iv = _initial_values(gd, cfg, init_vals)
     if ld is not None:
         return _fit_loaded(gd, iv, nbrs, cfg, ld)
-    state, st = initial_state(gd, nbrs, cfg, init_vals, iv, cfg.hist_len)
+    state, st = initial_state(gd, nbrs, cfg, init_vals, iv, cfg.hist_len, run_scaling=False)
     mode = cfg.assignment_mode if cfg.max_iter > 0 else None
     pre = mode if mode == "full_projection" else None
-    return _finish(state, st, nbrs, cfg, pre, mode, iv)
+    return _finish(state, st, nbrs, cfg, pre, mode, iv, scaling=True)
 
 
 def initial_state(
-    gd: GeneData, nbrs: Neighbors | None, cfg: FitConfig, init_vals, iv: dict, hist_len: int
+    gd: GeneData,
+    nbrs: Neighbors | None,
+    cfg: FitConfig,
+    init_vals,
+    iv: dict,
+    hist_len: int,
+    run_scaling: bool = True,
 ) -> tuple[EMState, Static]:
     """``DynamicsRecovery.__init__`` up to the fit: ``initialize()`` with its first time
-    assignment (in the data dtype) and loss, then ``initialize_scaling`` (core ~31-121).
+    assignment (in the data dtype) and loss, then (``run_scaling``) ``initialize_scaling`` and
+    the ``steady_state_ratio`` (core ~31-122; without, :func:`_run_schedule` runs them).
     ``iv``: :func:`_initial_values`; ``hist_len``: length of the loss/pars histories."""
     f64 = jnp.float64
     st = Static(
@@ -666,7 +858,8 @@ def initial_state(
         n_hist=jnp.asarray(1, jnp.int32), steady_u=iv["steady_u"], u0_=iv["u0_"], ratio=nan,
         f32=f32, beta_int=beta_int, t32=data32, ratio32=jnp.asarray(False),
     )  # fmt: skip
-
+    if not run_scaling:
+        return state, st
     state = _initialize_scaling(state, st, nbrs, cfg)
     ratio32 = _c32(state, GAMMA) & _c32(state, BETA)
     state = state._replace(ratio=r32(state.pars[GAMMA] / state.pars[BETA], ratio32),
@@ -689,22 +882,40 @@ def _fit_loaded(gd: GeneData, iv: dict, nbrs, cfg: FitConfig, ld: Loaded) -> Gen
     return _finish(state, st, nbrs, cfg, pre, mode, iv)
 
 
-def _finish(state, st, nbrs, cfg, pre, mode, iv) -> GeneResult:
-    """``fit()``'s schedule and its final statistics (core ~124-151). ``mode``: fit() sets
-    the assignment mode only when max_iter > 0 (core ~126-145)."""
-    state = _fit_schedule(state, st, nbrs, cfg, (pre, mode))
+def _finish(state, st, nbrs, cfg, pre, mode, iv, scaling: bool = False) -> GeneResult:
+    """(``scaling``: ``initialize_scaling`` and) ``fit()``'s schedule and its final
+    statistics (core ~117-151). ``mode``: fit() sets the assignment mode only when
+    max_iter > 0 (core ~126-145)."""
+    state = _run_schedule(state, st, nbrs, cfg, (pre, mode), scaling)
     return final_result(state, st, nbrs, cfg, mode, iv)
 
 
 def final_result(state: EMState, st: Static, nbrs, cfg: FitConfig, mode, iv: dict) -> GeneResult:
     """The statistics ``fit()`` leaves after its schedule (core ~146-151): the final
     ``tau``/``tau_`` (``get_divergence(mode="tau")``), likelihood and variance."""
-    final = _assign(st, state.pars, mode, nbrs, cfg)  # get_divergence(mode="tau")
     v = _vars(state.pars)
     fl = _flags(state.f32, state.beta_int, state.t32, state.ratio32)
     lik = obj.likelihood(state.t, st.u, st.s, st.wu, v, st.std_u, st.std_s, state.ratio, cfg.n_obs,
                          fl)  # fmt: skip
-    t_var, _, _ = _time(state, st, state.pars, mode, nbrs, cfg, cfg.fit_time, fl)
+    if cfg.fit_time:
+        # get_divergence(mode="tau") in plain float64 (every flag off gives the values of
+        # no flags) and the variance's re-assignment with the fit's flags share one
+        # assignment site: a loop of two, so the program holds one copy
+        off = jax.tree_util.tree_map(lambda x: jnp.zeros_like(jnp.asarray(x)), fl)
+
+        def body(k, acc):
+            a = _assign(st, state.pars, mode, nbrs, cfg, _select(k == 0, off, fl),
+                        t32=st.data32 & (k == 1))  # fmt: skip
+            return jax.tree_util.tree_map(lambda x, y: x.at[k].set(y), acc, a)
+
+        n = st.u.shape[0]
+        z, zi = jnp.zeros((2, n), st.u.dtype), jnp.zeros((2, n), jnp.int32)
+        acc = jax.lax.fori_loop(0, 2, body, Assignment(z, z, zi, z, z))
+        final = jax.tree_util.tree_map(lambda x: x[0], acc)
+        t_var = acc.t[1]
+    else:
+        final = _assign(st, state.pars, mode, nbrs, cfg)  # get_divergence(mode="tau")
+        t_var = state.t
     fl_var = fl._replace(t=state.t32 & (not cfg.fit_time))
     varx = obj.variance(t_var, st.u, st.s, st.wu, v, st.std_u, st.std_s, state.ratio, fl_var)
     return GeneResult(

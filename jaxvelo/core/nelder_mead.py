@@ -519,18 +519,26 @@ def _eval(
     return jnp.reshape(jnp.asarray(val), ()).astype(jnp.float64)
 
 
-def _active_step(
-    fun: Callable[..., Any],
-    st: NMState,
-    opts: NMOptions,
-    callback: Callable[[jax.Array, Any], Any] | None,
-    fun_uses_cb_state: bool,
-) -> NMState:
-    sim, fsim = st.sim, st.fsim
+class _Points(NamedTuple):
+    """The candidate points of one pass (l. 872-925) and the point to evaluate now."""
+
+    point: jax.Array
+    xr: jax.Array
+    xe: jax.Array
+    xc: jax.Array
+    xcc: jax.Array
+    xs: jax.Array
+
+
+def nm_propose(st: NMState) -> _Points:
+    """The point the next (guarded) evaluation of :func:`nm_step` is made at.
+
+    With :func:`nm_consume` this splits :func:`nm_step` around its one evaluation, so that
+    a driver can evaluate the objective elsewhere (e.g. one evaluation site shared by
+    several minimisations)."""
+    sim = st.sim
     n = sim.shape[1]
     phase, k = st.phase, st.k
-    i32 = jnp.int32
-
     # Candidate points, l. 872-925 (rho=1, chi=2, psi=0.5, sigma=0.5), written so
     # that XLA's FMA contraction cannot change their rounding.
     r = st.round32
@@ -547,8 +555,23 @@ def _active_step(
     # sim[0] + sigma * (sim[j] - sim[0])
     xs = _r32(sim[0] + _r32(sim[kj] - sim[0], r) * _SIGMA, r)
     point = jnp.stack([sim[ki], xr, xe, xc, xcc, xs])[jnp.clip(phase, 0, 5)]
+    return _Points(point, xr, xe, xc, xcc, xs)
 
-    fval = _eval(fun, point, st.cb_state, fun_uses_cb_state)
+
+def nm_consume(
+    st: NMState, pts: _Points, fval: jax.Array, opts: NMOptions
+) -> tuple[NMState, jax.Array]:
+    """scipy's bookkeeping after the evaluation ``fval = fun(pts.point)``; returns the new
+    state and whether a pass through scipy's loop body ended (where scipy calls the
+    callback, with the new ``sim[0]``). ``st.cb_state`` is passed through."""
+    sim, fsim = st.sim, st.fsim
+    n = sim.shape[1]
+    phase, k = st.phase, st.k
+    i32 = jnp.int32
+    xr, xe, xc, xcc, xs = pts.xr, pts.xe, pts.xc, pts.xcc, pts.xs
+    kj = jnp.clip(k, 1, n)
+    ki = jnp.clip(k, 0, n)
+    fval = jnp.reshape(jnp.asarray(fval), ()).astype(jnp.float64)
     # maxfev guard (l. 548-566): refuse (and do not count) a call once fcalls >= maxfun.
     if opts.maxfev == math.inf:
         ok = jnp.asarray(True)
@@ -612,11 +635,6 @@ def _active_step(
     sim2 = jnp.where(ending, sim1[perm], sim1)
     fsim2 = jnp.where(ending, fsim1[perm], fsim1)
 
-    # callback with sim[0] after each pass that did not break (l. 936-938)
-    cb_state = st.cb_state
-    if callback is not None:
-        cb_state = lax.cond(end_iter, lambda c: callback(sim2[0], c), lambda c: c, cb_state)
-
     # loop condition (l. 866) then the convergence test (l. 868-870)
     cont = jnp.asarray(True)
     if opts.maxfev != math.inf:
@@ -625,7 +643,7 @@ def _active_step(
         cont = cont & (iterations < opts.maxiter)
     stop = ~cont | _converged(sim2, fsim2, opts.xatol, opts.fatol, st.round32)
 
-    return NMState(
+    new = NMState(
         sim=sim2,
         fsim=fsim2,
         fxr=fxr,
@@ -634,9 +652,28 @@ def _active_step(
         phase=jnp.where(ending, REFLECT, next_phase).astype(i32),
         k=jnp.where(ending, 0, next_k).astype(i32),
         done=ending & stop,
-        cb_state=cb_state,
+        cb_state=st.cb_state,
         round32=st.round32,
     )
+    return new, end_iter
+
+
+def _active_step(
+    fun: Callable[..., Any],
+    st: NMState,
+    opts: NMOptions,
+    callback: Callable[[jax.Array, Any], Any] | None,
+    fun_uses_cb_state: bool,
+) -> NMState:
+    pts = nm_propose(st)
+    fval = _eval(fun, pts.point, st.cb_state, fun_uses_cb_state)
+    new, end_iter = nm_consume(st, pts, fval, opts)
+    # callback with sim[0] after each pass that did not break (l. 936-938)
+    if callback is not None:
+        cb_state = lax.cond(end_iter, lambda c: callback(new.sim[0], c), lambda c: c,
+                            new.cb_state)  # fmt: skip
+        new = new._replace(cb_state=cb_state)
+    return new
 
 
 def nm_step(

@@ -49,6 +49,7 @@ from jax import lax
 
 __all__ = [
     "where_lazy",
+    "cond_any",
     "PW_BLOCKSIZE",
     "compact",
     "fma_barrier",
@@ -156,6 +157,48 @@ def where_lazy(flag, fn, x: jax.Array, otherwise: jax.Array) -> jax.Array:
         return lax.cond(pred, both, skip), out_b
 
     return lazy(jnp.asarray(flag, bool), x, otherwise)
+
+
+def cond_any(pred, true_fn, false_fn, *operands):
+    """``lax.cond(pred, true_fn, false_fn, *operands)`` that stays lazy under ``vmap``.
+
+    With a batched ``pred``, ``lax.cond`` becomes a select that runs both branches for
+    every member. Here the batching rule runs ``true_fn`` only when some member of the
+    batch needs it (then selecting per member), else just ``false_fn``. Unbatched
+    operands stay unbatched. The branches must not close over batched values: pass them
+    as ``operands``. The values are those of ``jnp.where(pred, true_fn(...),
+    false_fn(...))`` in every case.
+    """
+    if isinstance(pred, (bool, np.bool_)):
+        return true_fn(*operands) if pred else false_fn(*operands)
+
+    @jax.custom_batching.custom_vmap
+    def lazy(pred, ops):
+        return lax.cond(pred, lambda: true_fn(*ops), lambda: false_fn(*ops))
+
+    @lazy.def_vmap
+    def _rule(axis_size, in_batched, pred, ops):
+        p_b, o_b = in_batched
+        axes = jax.tree_util.tree_map(lambda b: 0 if b else None, o_b)
+
+        def run(fn):
+            out = jax.vmap(lambda o: fn(*o), in_axes=(axes,), axis_size=axis_size)(ops)
+            return out
+
+        if not p_b:
+            out = lax.cond(pred, lambda: run(true_fn), lambda: run(false_fn))
+            return out, jax.tree_util.tree_map(lambda _: True, out)
+
+        def both():
+            a, b = run(true_fn), run(false_fn)
+            return jax.tree_util.tree_map(
+                lambda x, y: jnp.where(pred.reshape((-1,) + (1,) * (x.ndim - 1)), x, y), a, b
+            )
+
+        out = lax.cond(jnp.any(pred), both, lambda: run(false_fn))
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    return lazy(jnp.asarray(pred, bool), operands)
 
 
 def true_divide(a: jax.Array, b: jax.Array | float) -> jax.Array:
