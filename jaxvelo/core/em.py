@@ -2,10 +2,10 @@
 
 ``fit_gene`` is written for a single gene and batched once with ``jit(vmap(...))`` in
 :mod:`jaxvelo.core.batch`. The upstream object's mutable attributes become the immutable
-:class:`EMState`; ``update()``'s accept-if-improved logic becomes :func:`update`, which
-returns the next state. Parameter vectors use upstream's ``pars`` order
-``[alpha, beta, gamma, t_, scaling]``.
-"""
+:class:`EMState`; ``update()``'s accept-if-improved logic becomes :func:`_update_outcome`
+and :func:`_commit`, which return the next state, inside one schedule loop
+(:func:`_run_schedule`). Parameter vectors use upstream's ``pars`` order
+``[alpha, beta, gamma, t_, scaling]``."""
 
 from __future__ import annotations
 
@@ -250,16 +250,6 @@ def _same(state: EMState) -> Candidate:
     return Candidate(state.pars, state.f32, state.beta_int)
 
 
-def _mode(modes: tuple[str | None, str | None], final: Array | bool):
-    """The assignment mode of a step: ``modes = (pre-training, final)`` chosen by
-    ``final``, a Python bool or a traced flag (then a :class:`ModeSwitch`, so that one
-    compiled assignment serves both modes)."""
-    pre_mode, final_mode = modes
-    if pre_mode == final_mode or isinstance(final, bool):
-        return final_mode if final is True else pre_mode
-    return ModeSwitch(modes, jnp.asarray(final).astype(jnp.int32))
-
-
 class _Eval(NamedTuple):
     """One evaluation of ``update()``: a time assignment and its loss (``get_se``)."""
 
@@ -409,47 +399,6 @@ def _next_eval(k, adjust_t_, recompute):
     return jnp.where(k == 0, after0, k + 1).astype(jnp.int32)
 
 
-def update(
-    state: EMState,
-    st: Static,
-    cand: Candidate,
-    nbrs,
-    cfg: FitConfig,
-    modes: tuple[str | None, str | None],
-    final: Array | bool = False,
-    adjust_t_: Array | bool = True,
-) -> EMState:
-    """``DynamicsRecovery.update`` (core ~311-378) for the proposed parameters ``cand``.
-
-    ``modes = (pre-training mode, final mode)``; ``final`` selects one, ``adjust_t_`` is
-    upstream's flag. Upstream assigns times up to three times: the proposed parameters;
-    when they are rejected and ``adjust_t_``, the current ones again (core ~334-336), a
-    deterministic function of the current parameters, equal to the stored ``(t, tau, o)``
-    and ``loss[-1]`` unless :func:`_recompute`; and the alternative ``t_`` (core ~338-353).
-    The evaluations run as one loop over a single evaluation site, so the program holds
-    one copy of the time assignment. (The EM schedule, :func:`_run_schedule`, drives the
-    same steps from its own loop.)
-    """
-    mode = _mode(modes, final)
-    recompute = _recompute(cfg, modes, final)
-    t32_c = jnp.where(recompute, False, state.t32)
-
-    def body(k, evals):
-        def do():
-            p, fl = _update_input(k, state, cand, _row(evals, 0), _row(evals, 1), t32_c, cfg)
-            r = _evaluate(state, st, p, fl, mode, nbrs, cfg, cfg.fit_time)
-            return jax.tree_util.tree_map(lambda x, y: x.at[k].set(y), evals, r)
-
-        return jax.lax.cond((k != 1) | recompute, do, lambda: evals)
-
-    if isinstance(adjust_t_, bool):
-        n_eval = 3 if adjust_t_ else 1
-    else:
-        n_eval = jnp.where(adjust_t_, 3, 1)
-    evals = jax.lax.fori_loop(0, n_eval, body, _stack3(_stored(state)))
-    return _commit(state, *_update_outcome(state, cand, evals, adjust_t_, t32_c, cfg))
-
-
 # ----------------------------------------------------------------------------- schedule
 _SCALE, _ALPHA, _SAME, _NM = range(4)
 
@@ -476,14 +425,16 @@ class _Stage(NamedTuple):
     refit: bool
 
 
-def _schedule(cfg: FitConfig, modes, scaling_steps: bool) -> tuple[list, list]:
+def _schedule(cfg: FitConfig, modes, scaling_steps: bool, fit_steps: bool) -> tuple[list, list]:
     """The update() calls of ``initialize_scaling`` (core ~117-121, when
-    ``scaling_steps``) and ``fit()`` (core ~124-151), in order."""
+    ``scaling_steps``) and ``fit()`` (core ~124-151, when ``fit_steps``), in order."""
     steps: list[_Step] = []
     stages: list[_Stage] = []
     if scaling_steps and cfg.do_fit_scaling:
         rc = _recompute(cfg, (None, None), False)
         steps += [_Step(_SCALE, i, 0, True, rc) for i in range(8)]
+    if not fit_steps:
+        return steps, stages
     pre_rc, fin_rc = _recompute(cfg, modes, False), _recompute(cfg, modes, True)
     if cfg.max_iter > 0:
         steps += [_Step(_ALPHA, j, 1, True, pre_rc) for j in range(5)]
@@ -525,6 +476,13 @@ def _nm_candidate(state: EMState, idx: tuple, x32, x) -> Candidate:
                      state.beta_int & (BETA not in idx))  # fmt: skip
 
 
+def _with_ratio(state: EMState) -> EMState:
+    """``steady_state_ratio = gamma / beta`` (core ~121-122), float32 where both are."""
+    ratio32 = _c32(state, GAMMA) & _c32(state, BETA)
+    return state._replace(ratio=r32(state.pars[GAMMA] / state.pars[BETA], ratio32),
+                          ratio32=ratio32)  # fmt: skip
+
+
 def _nm_start(state: EMState, idx: tuple):
     """A stage's simplex from the current parameters: float32 when all of them are
     numpy float32 (``round32``, PARITY.md)."""
@@ -533,10 +491,10 @@ def _nm_start(state: EMState, idx: tuple):
 
 
 def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
-                  scaling_steps: bool) -> EMState:  # fmt: skip
+                  scaling_steps: bool, fit_steps: bool = True) -> EMState:  # fmt: skip
     """``initialize_scaling`` (with ``scaling_steps``; then the ``steady_state_ratio`` is
-    set, core ~121-122) and ``DynamicsRecovery.fit`` (core ~124-151) as one loop with a
-    single evaluation site.
+    set, core ~121-122) and ``DynamicsRecovery.fit`` (core ~124-151, with ``fit_steps``) as
+    one loop with a single evaluation site.
 
     Every iteration each gene makes exactly one time assignment + loss evaluation: for the
     Nelder-Mead stage it is in (:func:`nm_propose` / :func:`nm_consume`; the objective is
@@ -547,8 +505,11 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
     instead of one per stage, update evaluation and mode. With ``high_pars_resolution``
     an update() with the best vertex follows every Nelder-Mead iteration (core ~266-306).
     """
-    steps, stages = _schedule(cfg, modes, scaling_steps)
+    steps, stages = _schedule(cfg, modes, scaling_steps, fit_steps)
     n_steps = len(steps)
+    set_ratio = scaling_steps  # the ratio is set after initialize_scaling (else: loaded)
+    if not steps:  # initialize_scaling without fit_scaling: just the ratio
+        return _with_ratio(state) if set_ratio else state
     n_scale = sum(s_.kind == _SCALE for s_ in steps)
     table = {f: jnp.asarray([getattr(s_, f) for s_ in steps]) for f in _Step._fields}
     modes3 = (None, *modes)
@@ -557,17 +518,13 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
             for g in stages]  # fmt: skip
     lins4, lins5 = linspace(-1.0, 1.0, 4), linspace(-1.0, 1.0, 5)
     no = jnp.asarray(False)
-    set_ratio = scaling_steps  # the ratio is set after initialize_scaling (else: loaded)
 
     def enter(m: _Machine, em: EMState, s) -> _Machine:
         """Start step ``s`` (``s == n_steps``: finished) from the state ``em``."""
         sc = jnp.clip(s, 0, n_steps - 1)
         kind, arg, stage = table["kind"][sc], table["arg"][sc], table["stage"][sc]
         if set_ratio:
-            ratio32 = _c32(em, GAMMA) & _c32(em, BETA)
-            fitting = em._replace(ratio=r32(em.pars[GAMMA] / em.pars[BETA], ratio32),
-                                  ratio32=ratio32)  # fmt: skip
-            em = _select(s == n_scale, fitting, em)
+            em = _select(s == n_scale, _with_ratio(em), em)
         alpha0 = jnp.where(s == n_scale, em.pars[ALPHA], m.alpha0)
         # initialize_scaling's tries (core ~104-115): z_vals fixed per sweep of 4
         i = arg % 4
@@ -742,31 +699,6 @@ def _initial_values(gd: GeneData, cfg: FitConfig, init_vals):
     )  # fmt: skip
 
 
-def _initialize_scaling(state: EMState, st: Static, nbrs, cfg: FitConfig) -> EMState:
-    """``initialize_scaling(sight=0.5)`` then ``(sight=0.1)`` (core ~117-121): 8 updates in
-    one loop (one compiled ``update`` body)."""
-    if not cfg.do_fit_scaling:
-        return state
-    lins = linspace(-1.0, 1.0, 4)
-
-    def step(i, carry):
-        state, sc0 = carry
-        sc0 = jnp.where(i % 4 == 0, state.pars[SCALING], sc0)  # z_vals fixed per sweep
-        sight = jnp.where(i < 4, 0.5, 0.1)
-        z = sc0 + lins[i % 4] * sc0 * sight  # float64 (np.linspace)
-        ratio32 = _c32(state, BETA) & state.f32[SCALING]
-        beta = r32(state.pars[BETA] / state.pars[SCALING], ratio32) * z
-        cand = Candidate(
-            state.pars.at[SCALING].set(z).at[BETA].set(beta),
-            state.f32.at[SCALING].set(False).at[BETA].set(False),
-            jnp.asarray(False),
-        )
-        return update(state, st, cand, nbrs, cfg, (None, None)), sc0
-
-    state, _ = jax.lax.fori_loop(0, 8, step, (state, state.pars[SCALING]))
-    return state
-
-
 def _loaded_state(ld: Loaded, st: Static, nbrs, cfg: FitConfig) -> EMState:
     """``BaseDynamics.load_pars`` (utils ~821-860): the stored parameters (numpy float64
     scalars from ``adata.var``), ``u0_`` from ``t_``, the stored times as given
@@ -858,12 +790,8 @@ def initial_state(
         n_hist=jnp.asarray(1, jnp.int32), steady_u=iv["steady_u"], u0_=iv["u0_"], ratio=nan,
         f32=f32, beta_int=beta_int, t32=data32, ratio32=jnp.asarray(False),
     )  # fmt: skip
-    if not run_scaling:
-        return state, st
-    state = _initialize_scaling(state, st, nbrs, cfg)
-    ratio32 = _c32(state, GAMMA) & _c32(state, BETA)
-    state = state._replace(ratio=r32(state.pars[GAMMA] / state.pars[BETA], ratio32),
-                           ratio32=ratio32)  # fmt: skip
+    if run_scaling:
+        state = _run_schedule(state, st, nbrs, cfg, (None, None), True, fit_steps=False)
     return state, st
 
 
