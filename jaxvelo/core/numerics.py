@@ -123,40 +123,7 @@ def where_lazy(flag, fn, x: jax.Array, otherwise: jax.Array) -> jax.Array:
     the batch need ``fn``", so batches without float32 operands skip it. The values are
     those of ``jnp.where`` in every case.
     """
-    if isinstance(flag, (bool, np.bool_)):
-        return fn(x) if flag else otherwise
-
-    @jax.custom_batching.custom_vmap
-    def lazy(flag, x, otherwise):
-        return lax.cond(flag, lambda: fn(x), lambda: otherwise)
-
-    @lazy.def_vmap
-    def _rule(axis_size, in_batched, flag, x, otherwise):
-        f_b, x_b, o_b = in_batched
-        fx = (lambda: jax.vmap(fn)(x)) if x_b else (lambda: fn(x))
-        out_b = x_b or o_b or f_b
-        rank = max(jnp.ndim(x) + (not x_b), jnp.ndim(otherwise) + (not o_b))
-
-        def both():
-            v, o = fx(), otherwise
-            if out_b:
-                v = v if x_b else jnp.broadcast_to(v, (axis_size, *v.shape))
-                o = o if o_b else jnp.broadcast_to(o, (axis_size, *o.shape))
-                f = flag if f_b else jnp.broadcast_to(flag, (axis_size,))
-                f = f.reshape((axis_size,) + (1,) * (rank - 1))
-                return jnp.where(f, v, o)
-            return jnp.where(flag, v, o)
-
-        def skip():
-            o = otherwise
-            if out_b and not o_b:
-                o = jnp.broadcast_to(o, (axis_size, *o.shape))
-            return o
-
-        pred = jnp.any(flag) if f_b else flag
-        return lax.cond(pred, both, skip), out_b
-
-    return lazy(jnp.asarray(flag, bool), x, otherwise)
+    return cond_any(flag, lambda v, o: fn(v), lambda v, o: o, x, otherwise)
 
 
 def cond_any(pred, true_fn, false_fn, *operands):
