@@ -92,3 +92,49 @@ def test_schedule_holds_one_time_assignment(monkeypatch, high_pars):
         text = batch._program(cfg, False, None).lower(gd, None, None).as_text()
     kernels = [ln for ln in text.splitlines() if "custom_call" in ln and "jaxvelo" in ln]
     assert len(kernels) == 3, len(kernels)
+
+
+@pytest.mark.parametrize(
+    "size, needed",
+    [(20, [3]), (20, [0, 7, 8, 19]), (20, list(range(20))), (20, []), (5, [1, 2]),
+     (17, list(range(0, 17, 2)))],
+)  # fmt: skip
+def test_cond_any_chunked_runs_only_needed_members(size, needed):
+    """With ``chunk``, the expensive branch runs on ceil(needed / chunk) sub-batches of
+    ``chunk`` members (every member when the batch is not larger than a chunk), and every
+    member gets bitwise what ``jnp.where`` of both branches gives."""
+    chunk = 8
+    members = []
+
+    def expensive(x, y):
+        jax.debug.callback(lambda v: members.append(np.size(v)), x[0])
+        return jnp.exp(jnp.sin(x) * y), jnp.sum(x) * y
+
+    def cheap(x, y):
+        return x + y, -y
+
+    x = jnp.linspace(0.0, 3.0, size * 5).reshape(size, 5)
+    y = jnp.asarray(1.5)  # unbatched operand
+    pred = jnp.zeros(size, bool).at[jnp.asarray(needed, int)].set(True)
+    f = jax.jit(jax.vmap(lambda p, x: cond_any(p, expensive, cheap, x, y, chunk=chunk)))
+    got = f(pred, x)
+    want = [jnp.where(pred[:, None], jnp.exp(jnp.sin(x) * y), x + y),
+            jnp.where(pred, jnp.sum(x, axis=1) * y, -y)]  # fmt: skip
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    jax.effects_barrier()
+    if size <= chunk:
+        assert sum(members) == (size if needed else 0)
+    else:
+        assert sum(members) == -(-len(needed) // chunk) * chunk
+
+
+def test_materialize_is_the_identity():
+    from jaxvelo.core.numerics import materialize
+
+    x = jnp.asarray([1.5, -0.0, jnp.inf, jnp.nan, 3e-310])
+    n = jnp.asarray(7)
+    f = jax.jit(jax.vmap(lambda x, n: materialize((x * 2, n), jnp.minimum(n, 0))))
+    a, b = f(jnp.stack([x, -x]), jnp.stack([n, n]))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(jnp.stack([x * 2, -x * 2])))
+    np.testing.assert_array_equal(np.asarray(b), [7, 7])

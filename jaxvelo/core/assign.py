@@ -21,6 +21,7 @@ from .numerics import round32 as r32
 
 _UNROLL = 8  # loop bodies per while-loop iteration in the per-cell loops
 _UNROLL_SMOOTH = 2  # the smoothing loops: their gathers dominate; unrolling costs compile time
+_PROJ_CHUNK = 8  # genes per pass of the lazily run projection (see _switched)
 
 
 class Neighbors(NamedTuple):
@@ -214,9 +215,11 @@ def _switched(ms: ModeSwitch, ops: tuple) -> tuple[Array, Array]:
     if len(set(kinds)) == 1:
         return assign_tau(*ops[:8], ms.modes[0], ops[8])
     index = jnp.asarray(ms.index)
+    use_proj = ops[3] < ops[4]  # beta < gamma
 
-    def needed(not_kind: str):
-        hit = [index == i for i, k in enumerate(kinds) if k != not_kind]
+    def needed(kind: str, where_proj):
+        hit = [index == i for i, k in enumerate(kinds) if k == kind]
+        hit += [(index == i) & where_proj for i, k in enumerate(kinds) if k == "projection"]
         return functools.reduce(jnp.logical_or, hit, jnp.asarray(False))
 
     def zeros(*o):
@@ -224,9 +227,11 @@ def _switched(ms: ModeSwitch, ops: tuple) -> tuple[Array, Array]:
         dtype = jnp.result_type(o[0], o[2], o[3], o[4], o[5])
         return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
-    inv = cond_any(needed("full"), _inverse, zeros, *ops)
-    proj = cond_any(needed("inverse"), _projection, zeros, *ops)
-    use_proj = ops[3] < ops[4]  # beta < gamma
+    inv = cond_any(needed("inverse", ~use_proj), _inverse, zeros, *ops)
+    # the projection (a 500-point grid per cell) runs only for the genes whose mode needs
+    # it, gathered 8 at a time: at a given iteration few genes of a batch are in the
+    # final stage, and "projection" projects only where beta < gamma (utils ~189-191)
+    proj = cond_any(needed("full", use_proj), _projection, zeros, *ops, chunk=_PROJ_CHUNK)
 
     def select(kind):
         if kind == "inverse":

@@ -53,6 +53,7 @@ __all__ = [
     "PW_BLOCKSIZE",
     "compact",
     "fma_barrier",
+    "materialize",
     "gaussian_kde_eval",
     "np_linspace",
     "np_mean",
@@ -100,6 +101,27 @@ def fma_barrier(p: jax.Array) -> jax.Array:
     return jnp.where(p == p, p, jnp.asarray(jnp.nan, p.dtype))
 
 
+def materialize(x, zero: jax.Array):
+    """Return ``x`` (an array or a pytree of arrays), computed into its own buffers before
+    its consumers run.
+
+    XLA:CPU fuses an elementwise producer into a consuming gather, which then evaluates
+    the whole expression once per gathered element in a scalar loop (the loss terms
+    before their compaction: 2-3x slower than computing them contiguously, vectorised,
+    and gathering the result). XLA removes ``optimization_barrier`` before fusion on CPU,
+    but cannot see through a while loop whose trip count is only known at run time and
+    whose body changes the values: ``zero`` is its trip count, a traced integer that is
+    never positive but which XLA cannot know (e.g. ``min(k, 0)`` for any traced ``k``);
+    the loop never runs.
+    """
+
+    def body(c):
+        k, v = c
+        return k - 1, jax.tree_util.tree_map(lambda a: a + k.astype(a.dtype), v)
+
+    return lax.while_loop(lambda c: c[0] > 0, body, (jnp.asarray(zero), x))[1]
+
+
 def round32(x: jax.Array, flag) -> jax.Array:
     """``x`` rounded to float32 where ``flag``: one numpy float32 operation emulated in float64.
 
@@ -126,7 +148,7 @@ def where_lazy(flag, fn, x: jax.Array, otherwise: jax.Array) -> jax.Array:
     return cond_any(flag, lambda v, o: fn(v), lambda v, o: o, x, otherwise)
 
 
-def cond_any(pred, true_fn, false_fn, *operands):
+def cond_any(pred, true_fn, false_fn, *operands, chunk: int | None = None):
     """``lax.cond(pred, true_fn, false_fn, *operands)`` that stays lazy under ``vmap``.
 
     With a batched ``pred``, ``lax.cond`` becomes a select that runs both branches for
@@ -135,6 +157,12 @@ def cond_any(pred, true_fn, false_fn, *operands):
     operands stay unbatched. The branches must not close over batched values: pass them
     as ``operands``. The values are those of ``jnp.where(pred, true_fn(...),
     false_fn(...))`` in every case.
+
+    With ``chunk``, ``true_fn`` runs only for the members that need it: they are gathered
+    ``chunk`` at a time (a loop over ``ceil(count / chunk)`` sub-batches) and scattered
+    back over ``false_fn``'s results. For an expensive ``true_fn`` that few members need
+    at a time; ``true_fn`` must be elementwise in the batch (a member's result does not
+    depend on the others' or on the batch size, as everywhere in the core).
     """
     if isinstance(pred, (bool, np.bool_)):
         return true_fn(*operands) if pred else false_fn(*operands)
@@ -162,10 +190,34 @@ def cond_any(pred, true_fn, false_fn, *operands):
                 lambda x, y: jnp.where(pred.reshape((-1,) + (1,) * (x.ndim - 1)), x, y), a, b
             )
 
-        out = lax.cond(jnp.any(pred), both, lambda: run(false_fn))
+        if chunk is not None and axis_size > chunk:
+            out = _compacted(axis_size, chunk, pred, true_fn, run(false_fn), ops, o_b)
+        else:
+            out = lax.cond(jnp.any(pred), both, lambda: run(false_fn))
         return out, jax.tree_util.tree_map(lambda _: True, out)
 
     return lazy(jnp.asarray(pred, bool), operands)
+
+
+def _compacted(size: int, chunk: int, pred, fn, base, ops, batched):
+    """``where(pred, vmap(fn)(ops), base)`` running ``fn`` only on the members where
+    ``pred``, ``chunk`` members per pass (see :func:`cond_any`)."""
+    n_chunks = -(-size // chunk)
+    count = jnp.sum(pred, dtype=jnp.int32)
+    # members that need fn first, in order; unused slots point past the end (dropped)
+    order = jnp.argsort(~pred, stable=True).astype(jnp.int32)
+    order = jnp.concatenate([order, jnp.full((n_chunks * chunk - size,), size, jnp.int32)])
+    order = jnp.where(jnp.arange(n_chunks * chunk) < count, order, size)
+    axes = jax.tree_util.tree_map(lambda b: 0 if b else None, batched)
+
+    def body(c, out):
+        sel = lax.dynamic_slice(order, (c * chunk,), (chunk,))
+        take = jnp.minimum(sel, size - 1)  # unused slots compute a copy of the last member
+        sub = jax.tree_util.tree_map(lambda x, b: x[take] if b else x, ops, batched)
+        res = jax.vmap(lambda o: fn(*o), in_axes=(axes,), axis_size=chunk)(sub)
+        return jax.tree_util.tree_map(lambda o, r: o.at[sel].set(r, mode="drop"), out, res)
+
+    return lax.fori_loop(0, (count + chunk - 1) // chunk, body, base)
 
 
 def true_divide(a: jax.Array, b: jax.Array | float) -> jax.Array:

@@ -16,7 +16,7 @@ from jax import Array
 
 from .npmath import np_exp32
 from .numerics import fma_barrier as fb
-from .numerics import pairwise_sum, true_divide
+from .numerics import materialize, pairwise_sum, true_divide
 from .numerics import round32 as r32
 
 
@@ -141,13 +141,14 @@ def se(t, u, s, sub: Subset, pars, std_u, std_s, ratio, fl: Flags = NO_FLAGS) ->
     ``pars = (alpha, beta, gamma, scaling, t_)``.
     """
     alpha, beta, gamma, scaling, t_ = pars
-    tw, uw, sw = _gathered(sub, t, u, s)
-    udiff, sdiff, reg = dists(tw, uw, sw, alpha, beta, gamma, scaling, t_, std_u, std_s, ratio,
-                              fl)  # fmt: skip
+    # The terms are computed for all cells (contiguous, vectorised) and then compacted:
+    # computed after the gather, XLA fuses them into it as a scalar loop (2-3x slower).
+    # Elementwise, so the selected cells' terms are the same bits either way.
+    udiff, sdiff, reg = dists(t, u, s, alpha, beta, gamma, scaling, t_, std_u, std_s, ratio, fl)
     r = fl.gamma & fl.beta & fl.ratio
     distx = fb(udiff**2) + fb(sdiff**2)
     distx = distx + fb(r32(reg**2, r))
-    return pairwise_sum(distx, sub.n)
+    return pairwise_sum(materialize(distx, jnp.minimum(sub.n, 0))[sub.idx], sub.n)
 
 
 def mse(t, u, s, sub: Subset, pars, std_u, std_s, ratio, fl: Flags = NO_FLAGS) -> Array:
