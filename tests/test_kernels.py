@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from scipy import sparse
 from scvelo.core import SplicingDynamics
 from scvelo.tools import _em_model_utils as up
@@ -277,3 +278,19 @@ def test_host_percentile_matches_numpy(seed, n, ties):
     if ties:
         x = np.round(x, 1)
     assert hk._percentile995(x) == np.percentile(x, 99.5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=hnp.arrays(
+        np.float64,
+        (4, 64),
+        elements=st.sampled_from([0.0, -0.0, 1.0, 2.0, np.inf, np.nan, 0.5, 1e-300]),
+    )
+)
+def test_argmin_rows_is_numpy_argmin(rows):
+    from jaxvelo.core import assign
+
+    with jax.enable_x64(True):
+        got = jax.jit(assign._argmin_rows)(jnp.asarray(rows))
+    np.testing.assert_array_equal(np.asarray(got), np.argmin(rows, axis=0))

@@ -467,3 +467,35 @@ def test_where_lazy_matches_where_batched_and_unbatched():
         got = jax.jit(lambda v, fl=fl: where_lazy(jnp.asarray(fl), fn, v, other))(x)
         np.testing.assert_array_equal(got, fn(x) if fl else other)
         assert where_lazy(fl, fn, x, other) is not None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.booleans(), min_size=1, max_size=300))
+def test_stable_partition_is_a_stable_argsort(bits):
+    from jaxvelo.core.numerics import stable_partition
+
+    mask = np.asarray(bits)
+    want = np.argsort(~mask, kind="stable")
+    np.testing.assert_array_equal(np.asarray(stable_partition(jnp.asarray(mask))), want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    x=hnp.arrays(
+        st.sampled_from([np.float32, np.float64]),
+        st.tuples(st.integers(1, 4), st.integers(1, 200)),
+        elements=st.floats(allow_nan=True, allow_infinity=True, width=32),
+    )
+)
+def test_host_sort_is_np_sort(x):
+    """The sort behind the percentiles (the numba radix sort on CPU, one custom call per
+    batch) gives np.sort's values, NaNs last, under vmap and unbatched."""
+    with jax.enable_x64(True):
+        got = jax.jit(jax.vmap(nm.sort))(jnp.asarray(x))
+        one = jax.jit(nm.sort)(jnp.asarray(x[0]))
+    want = np.sort(x, axis=-1)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    np.testing.assert_array_equal(np.asarray(one), want[0])
+    assert np.asarray(got).dtype == x.dtype
+    nz = want != 0
+    assert np.array_equal(np.signbit(np.asarray(got)[nz]), np.signbit(want[nz]))

@@ -90,7 +90,7 @@ def test_schedule_holds_one_time_assignment(monkeypatch, high_pars):
     cfg = FitConfig(n_obs=n, high_pars_resolution=high_pars)
     with jax.enable_x64(True):
         text = batch._program(cfg, False, None).lower(gd, None, None).as_text()
-    kernels = [ln for ln in text.splitlines() if "custom_call" in ln and "jaxvelo" in ln]
+    kernels = [ln for ln in text.splitlines() if "custom_call" in ln and "adjust_increments" in ln]
     assert len(kernels) == 3, len(kernels)
 
 

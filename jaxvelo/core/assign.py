@@ -170,8 +170,8 @@ def assign_tau(
 ) -> tuple[Array, Array]:
     """``_em_model_utils.assign_tau``: (tau, tau_) by projection or by the inverse formula.
 
-    ``"projection"`` projects only when ``beta < gamma`` (utils ~189-191); both branches
-    are computed and selected per gene. A :class:`ModeSwitch` picks the mode at run time.
+    ``"projection"`` projects only when ``beta < gamma`` (utils ~189-191); each branch
+    runs for the genes that take it. A :class:`ModeSwitch` picks the mode at run time.
     """
     ops = (u, s, alpha, beta, gamma, t_, u0_, s0_, f32)
     if isinstance(assignment_mode, ModeSwitch):
@@ -180,11 +180,20 @@ def assign_tau(
     if kind == "inverse":
         return _inverse(*ops)
     if kind == "projection":
-        tau_p, tau_p_ = _projection(*ops)
-        tau_i, tau_i_ = _inverse(*ops)
+        # each branch only for the genes that take it (lazily, the projection 8 genes
+        # at a time: see _switched)
         use = beta < gamma
+        tau_p, tau_p_ = cond_any(use, _projection, _zeros, *ops, chunk=_PROJ_CHUNK)
+        tau_i, tau_i_ = cond_any(~use, _inverse, _zeros, *ops)
         return jnp.where(use, tau_p, tau_i), jnp.where(use, tau_p_, tau_i_)
     return _projection(*ops)
+
+
+def _zeros(*ops):
+    """A pair of zero time arrays shaped and typed like an assignment of ``ops``."""
+    shape = jnp.shape(ops[0])
+    dtype = jnp.result_type(ops[0], ops[2], ops[3], ops[4], ops[5])
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
 class ModeSwitch(NamedTuple):
@@ -222,16 +231,11 @@ def _switched(ms: ModeSwitch, ops: tuple) -> tuple[Array, Array]:
         hit += [(index == i) & where_proj for i, k in enumerate(kinds) if k == "projection"]
         return functools.reduce(jnp.logical_or, hit, jnp.asarray(False))
 
-    def zeros(*o):
-        shape = jnp.shape(o[0])
-        dtype = jnp.result_type(o[0], o[2], o[3], o[4], o[5])
-        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
-
-    inv = cond_any(needed("inverse", ~use_proj), _inverse, zeros, *ops)
+    inv = cond_any(needed("inverse", ~use_proj), _inverse, _zeros, *ops)
     # the projection (a 500-point grid per cell) runs only for the genes whose mode needs
     # it, gathered 8 at a time: at a given iteration few genes of a batch are in the
     # final stage, and "projection" projects only where beta < gamma (utils ~189-191)
-    proj = cond_any(needed("full", use_proj), _projection, zeros, *ops, chunk=_PROJ_CHUNK)
+    proj = cond_any(needed("full", use_proj), _projection, _zeros, *ops, chunk=_PROJ_CHUNK)
 
     def select(kind):
         if kind == "inverse":
@@ -340,6 +344,16 @@ def _adjust_host_batched(axis_size, in_batched, tau, on, tau_, off):
     return _adjust_call(*args), (True, True)
 
 
+def _argmin_rows(res: Array) -> Array:
+    """``np.argmin(res, axis=0)`` over a few rows (first minimum; the first NaN wins), as
+    elementwise comparisons: XLA:CPU's variadic (value, index) reduce does not vectorise."""
+    best, arg = res[0], jnp.zeros(res.shape[1:], jnp.int32)
+    for k in range(1, res.shape[0]):
+        better = (res[k] < best) | (jnp.isnan(res[k]) & ~jnp.isnan(best))
+        best, arg = jnp.where(better, res[k], best), jnp.where(better, k, arg)
+    return arg
+
+
 class Assignment(NamedTuple):
     """Result of one time assignment (``mode="assign_timepoints"``, plus ``mode="tau"``)."""
 
@@ -436,7 +450,7 @@ def assign_timepoints(
     else:
         rows = jnp.stack([distx_, distx])
     res = smooth(nbrs, rows)
-    o4 = jnp.argmin(res, axis=0).astype(jnp.int32)
+    o4 = _argmin_rows(res)
     tau_z = tau * (o4 == 1)
     tau_z_ = tau_ * (o4 == 0)
     # utils ~433-437: 2 (lower steady state) -> on, 3 (upper steady state) -> off

@@ -268,28 +268,66 @@ def _ffi_f32(frame):
     return _ffi_run(frame, np.float32(0))
 
 
+@nb.njit(cache=True, nogil=True)
+def _sort_rows(x, out):
+    # np.sort along the last axis (float32 -> float64 -> float32 is exact)
+    for g in range(x.shape[0]):
+        out[g, :] = _sort64(x[g].astype(np.float64)).astype(x.dtype)
+
+
+@nb.njit(cache=True, nogil=True)
+def _ffi_sort_run(frame, like):
+    # operand x, result sorted x, both (rows, n) of like's dtype
+    run, f = _ffi_frame(frame)
+    if run:
+        _sort_rows(_ffi_array(f[9], 0, like), _ffi_array(f[14], 0, like))
+    return _ptr(0)
+
+
+@nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
+def _ffi_sort_f64(frame):
+    return _ffi_sort_run(frame, np.float64(0))
+
+
+@nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
+def _ffi_sort_f32(frame):
+    return _ffi_sort_run(frame, np.float32(0))
+
+
 _CALLS = {np.dtype(np.float64): _ffi_f64, np.dtype(np.float32): _ffi_f32}
+_SORTS = {np.dtype(np.float64): _ffi_sort_f64, np.dtype(np.float32): _ffi_sort_f32}
 
 
 def target_name(dtype) -> str:
     return f"jaxvelo_adjust_increments_{np.dtype(dtype).name}"
 
 
-@functools.cache
-def register(dtype) -> str:
-    """Compile (numba, cached on disk) and register the custom call for ``dtype``."""
+def _register(name: str, fn) -> str:
     import jax
 
-    fn = _CALLS[np.dtype(dtype)]
     new_capsule = ctypes.pythonapi.PyCapsule_New
     new_capsule.restype = ctypes.py_object
     new_capsule.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
     capsule = new_capsule(fn.address, b"xla._CUSTOM_CALL_TARGET", None)
-    name = target_name(dtype)
     jax.ffi.register_ffi_target(name, capsule, platform="cpu")
     return name
+
+
+@functools.cache
+def register(dtype) -> str:
+    """Compile (numba, cached on disk) and register the adjust_increments custom call
+    for ``dtype``."""
+    return _register(target_name(dtype), _CALLS[np.dtype(dtype)])
+
+
+@functools.cache
+def register_sort(dtype) -> str:
+    """Compile and register the row sort custom call (``np.sort`` along the last axis,
+    NaNs last) for ``dtype``."""
+    return _register(f"jaxvelo_sort_rows_{np.dtype(dtype).name}", _SORTS[np.dtype(dtype)])
 
 
 def register_all() -> None:
     for dt in (np.float32, np.float64):
         register(dt)
+        register_sort(dt)

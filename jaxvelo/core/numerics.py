@@ -66,6 +66,7 @@ __all__ = [
     "test_bimodality",
     "true_divide",
     "round32",
+    "stable_partition",
 ]
 
 #: numpy/_core/src/umath/loops_utils.h.src: ``#define PW_BLOCKSIZE 128``.
@@ -199,13 +200,27 @@ def cond_any(pred, true_fn, false_fn, *operands, chunk: int | None = None):
     return lazy(jnp.asarray(pred, bool), operands)
 
 
+def stable_partition(mask: jax.Array) -> jax.Array:
+    """``argsort(~mask, stable=True)``: the positions where ``mask`` (in order), then the
+    others (in order), as int32. Two prefix sums and a scatter of a permutation instead
+    of a sort (XLA:CPU's sort costs ~15 ms for 56 x 3696 cells)."""
+    mask = jnp.asarray(mask, bool)
+    count = jnp.sum(mask, dtype=jnp.int32)
+    kept = jnp.cumsum(mask, dtype=jnp.int32) - 1
+    rest = jnp.cumsum(~mask, dtype=jnp.int32) - 1 + count
+    pos = jnp.where(mask, kept, rest)
+    n = mask.shape[0]
+    return jnp.zeros(n, jnp.int32).at[pos].set(jnp.arange(n, dtype=jnp.int32),
+                                               unique_indices=True)  # fmt: skip
+
+
 def _compacted(size: int, chunk: int, pred, fn, base, ops, batched):
     """``where(pred, vmap(fn)(ops), base)`` running ``fn`` only on the members where
     ``pred``, ``chunk`` members per pass (see :func:`cond_any`)."""
     n_chunks = -(-size // chunk)
     count = jnp.sum(pred, dtype=jnp.int32)
     # members that need fn first, in order; unused slots point past the end (dropped)
-    order = jnp.argsort(~pred, stable=True).astype(jnp.int32)
+    order = stable_partition(pred)
     order = jnp.concatenate([order, jnp.full((n_chunks * chunk - size,), size, jnp.int32)])
     order = jnp.where(jnp.arange(n_chunks * chunk) < count, order, size)
     axes = jax.tree_util.tree_map(lambda b: 0 if b else None, batched)
@@ -530,6 +545,38 @@ def _percentile_from_sorted(
     return jnp.where(bad, jnp.asarray(jnp.nan, dtype), res)
 
 
+def _sort_call(x: jax.Array) -> jax.Array:
+    from . import host_kernels
+
+    name = host_kernels.register_sort(x.dtype)
+    return jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(x.shape, x.dtype))(x)
+
+
+@jax.custom_batching.custom_vmap
+def _sort_host(x):
+    return _sort_call(x[None])[0]
+
+
+@_sort_host.def_vmap
+def _sort_host_batched(axis_size, in_batched, x):
+    if not in_batched[0]:
+        return _sort_host(x), False
+    return _sort_call(x.reshape(-1, x.shape[-1])).reshape(x.shape), True
+
+
+def sort(x: jax.Array) -> jax.Array:
+    """``jnp.sort`` of a 1-D float array (NaNs last, ``-0.0`` before ``0.0``). On the CPU
+    backend the numba radix sort of :mod:`.host_kernels` as a custom call, one call per
+    gene batch (XLA:CPU's sort is ~40x slower than numpy's); elsewhere ``jnp.sort``.
+    Sorted values are the same either way (NaN payloads aside)."""
+    from .assign import use_host_kernels
+
+    x = jnp.asarray(x)
+    if x.ndim != 1 or x.dtype not in (jnp.float32, jnp.float64) or not use_host_kernels():
+        return jnp.sort(x)
+    return _sort_host(x)
+
+
 def np_percentile(x: jax.Array, n: jax.Array | int, q: float | jax.Array) -> jax.Array:
     """``np.percentile(x[:n], q)`` (method 'linear'), bit for bit.
 
@@ -560,7 +607,7 @@ def np_percentile(x: jax.Array, n: jax.Array | int, q: float | jax.Array) -> jax
     size = x.shape[0]
     n = jnp.clip(_as_count(n), 0, size)
     valid = jnp.arange(size) < n
-    s = jnp.sort(jnp.where(valid, x, jnp.inf))
+    s = sort(jnp.where(valid, x, jnp.inf))
     has_nan = jnp.any(valid & jnp.isnan(x))
     return _percentile_from_sorted(s, n, q, has_nan)
 
@@ -573,7 +620,7 @@ def np_percentile_masked(x: jax.Array, mask: jax.Array, q: float | jax.Array) ->
     x = jnp.asarray(x)
     mask = jnp.asarray(mask, bool)
     n = jnp.sum(mask, dtype=jnp.int32)
-    s = jnp.sort(jnp.where(mask, x, jnp.inf))
+    s = sort(jnp.where(mask, x, jnp.inf))
     has_nan = jnp.any(mask & jnp.isnan(x))
     return _percentile_from_sorted(s, n, q, has_nan)
 
@@ -769,7 +816,7 @@ def test_bimodality(
     size = x.shape[0]
     n = jnp.clip(_as_count(n), 0, size)
     valid = jnp.arange(size) < n
-    s = jnp.sort(jnp.where(valid, x, jnp.inf))
+    s = sort(jnp.where(valid, x, jnp.inf))
     has_nan = jnp.any(valid & jnp.isnan(x))
     lb = s[0]
     mx = s[jnp.maximum(n - 1, 0)]

@@ -16,7 +16,7 @@ from jax import Array
 
 from .npmath import np_exp32
 from .numerics import fma_barrier as fb
-from .numerics import materialize, pairwise_sum, true_divide
+from .numerics import materialize, pairwise_sum, stable_partition, true_divide
 from .numerics import round32 as r32
 
 
@@ -29,7 +29,7 @@ class Subset(NamedTuple):
 
 def make_subset(mask: Array) -> Subset:
     """Gather index of a boolean mask (stable: selected cells first, in order)."""
-    idx = jnp.argsort(~mask, stable=True).astype(jnp.int32)
+    idx = stable_partition(mask)
     return Subset(idx=idx, n=jnp.sum(mask).astype(jnp.int32))
 
 
