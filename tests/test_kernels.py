@@ -294,3 +294,23 @@ def test_argmin_rows_is_numpy_argmin(rows):
     with jax.enable_x64(True):
         got = jax.jit(assign._argmin_rows)(jnp.asarray(rows))
     np.testing.assert_array_equal(np.asarray(got), np.argmin(rows, axis=0))
+
+
+@pytest.mark.parametrize("layout", ["outlier", "duplicates", "clustered", "tiny", "signed"])
+def test_host_sort_layouts(layout):
+    """The kernel's sort on value layouts the random test rarely makes: an outlier far
+    from a dense cluster, many equal keys, tight clusters, short arrays, both signs
+    around zero (subnormals included)."""
+    from jaxvelo.core import host_kernels as hk
+
+    rng = np.random.default_rng(7)
+    x = {
+        "outlier": np.concatenate([5 + rng.random(3000) * 1e-3, [1e300, -1e300]]),
+        "duplicates": rng.integers(0, 5, 4000).astype(float),
+        "clustered": np.concatenate([rng.normal(c, 1e-9, 300) for c in range(10)]),
+        "tiny": rng.random(20),
+        "signed": np.concatenate([rng.normal(0, 1e-300, 500), rng.normal(0, 1, 500), [0.0, -0.0]]),
+    }[layout]
+    rng.shuffle(x)
+    got, want = hk._sort64(x.copy()), np.sort(x)
+    np.testing.assert_array_equal(got, want)

@@ -35,35 +35,22 @@ from numba.extending import intrinsic
 
 
 _SIGN = np.uint64(1) << np.uint64(63)
+_EXP64 = np.uint64(0x7FF0000000000000)  # +inf; larger magnitudes are NaNs
+_SIGN32 = np.uint64(1) << np.uint64(31)
+_EXP32 = np.uint64(0x7F800000)
 
 
 @nb.njit(cache=True, nogil=True)
-def _sort64(x):
-    """``np.sort(x)`` for float64 ``x`` as an LSD radix sort (8-bit digits, passes whose
-    digit is the same for every key skipped): branch-free, several times faster than
-    numba's quicksort on the unpredictable orders of assigned times. Keys map IEEE order
-    to unsigned order (negative: all bits flipped; else the sign bit set); NaNs sort last
-    as in numpy (their payload is not kept: callers treat any NaN alike). Equal values are
-    indistinguishable in the output except ``-0.0`` before ``+0.0``, which compare equal
-    in every later use."""
-    n = x.shape[0]
-    keys = np.empty(n, np.uint64)
-    bits = x.view(np.uint64)
-    for i in range(n):
-        u = bits[i]
-        if x[i] != x[i]:
-            keys[i] = np.uint64(0xFFFFFFFFFFFFFFFF)
-        elif u & _SIGN:
-            keys[i] = ~u
-        else:
-            keys[i] = u | _SIGN
+def _lsd(src, dst):
+    """LSD radix sort of the unsigned keys ``src`` (8-bit digits; passes whose digit is
+    the same for every key are skipped); ``dst`` is scratch of the same size. Returns
+    the array (``src`` or ``dst``) holding the sorted keys."""
+    n = src.shape[0]
     counts = np.zeros((8, 256), np.int64)
     for i in range(n):
-        k = keys[i]
+        k = src[i]
         for p in range(8):
             counts[p, (k >> np.uint64(8 * p)) & np.uint64(255)] += 1
-    src = keys
-    dst = np.empty(n, np.uint64)
     pos = np.empty(256, np.int64)
     for p in range(8):
         sh = np.uint64(8 * p)
@@ -79,11 +66,60 @@ def _sort64(x):
             dst[pos[d]] = k
             pos[d] += 1
         src, dst = dst, src
+    return src
+
+
+@nb.njit(cache=True, nogil=True)
+def _sort64(x):
+    """``np.sort(x)`` for float64 ``x`` by the LSD radix sort (:func:`_lsd`, several times
+    faster than numba's quicksort on the unpredictable orders of assigned times). Keys
+    map IEEE order to unsigned order (negative: all bits flipped; else the sign bit set)
+    with integer operations only -- XLA runs custom calls with denormals flushed, so no
+    floating-point conversion may touch the values. NaNs sort last as in numpy (their payload is not
+    kept: callers treat any NaN alike). Equal values are indistinguishable in the output
+    except ``-0.0`` before ``+0.0``, which compare equal in every later use."""
+    n = x.shape[0]
+    keys = np.empty(n, np.uint64)
+    bits = x.view(np.uint64)
+    for i in range(n):
+        u = bits[i]
+        if (u & ~_SIGN) > _EXP64:  # NaN
+            k = np.uint64(0xFFFFFFFFFFFFFFFF)
+        elif u & _SIGN:
+            k = ~u
+        else:
+            k = u | _SIGN
+        keys[i] = k
+    s = _lsd(keys, np.empty(n, np.uint64))
     out = np.empty(n, np.uint64)
     for i in range(n):
-        k = src[i]
+        k = s[i]
         out[i] = k & ~_SIGN if k & _SIGN else ~k
     return out.view(np.float64)
+
+
+@nb.njit(cache=True, nogil=True)
+def _sort32(x):
+    """``np.sort(x)`` for float32 ``x``: :func:`_sort64`'s key map on the 32-bit
+    patterns (keys zero-extended to 64 bits)."""
+    n = x.shape[0]
+    keys = np.empty(n, np.uint64)
+    bits = x.view(np.uint32)
+    for i in range(n):
+        u = np.uint64(bits[i])
+        if (u & ~_SIGN32) > _EXP32:  # NaN
+            k = np.uint64(0xFFFFFFFF)
+        elif u & _SIGN32:
+            k = ~u & np.uint64(0xFFFFFFFF)
+        else:
+            k = u | _SIGN32
+        keys[i] = k
+    s = _lsd(keys, np.empty(n, np.uint64))
+    out = np.empty(n, np.uint32)
+    for i in range(n):
+        k = s[i]
+        out[i] = np.uint32(k & ~_SIGN32 if k & _SIGN32 else ~k & np.uint64(0xFFFFFFFF))
+    return out.view(np.float32)
 
 
 @nb.njit(cache=True, nogil=True)
@@ -269,29 +305,35 @@ def _ffi_f32(frame):
 
 
 @nb.njit(cache=True, nogil=True)
-def _sort_rows(x, out):
-    # np.sort along the last axis (float32 -> float64 -> float32 is exact)
+def _sort_rows64(x, out):
+    # np.sort along the last axis, on the bit patterns (no float conversion: see _sort64)
     for g in range(x.shape[0]):
-        out[g, :] = _sort64(x[g].astype(np.float64)).astype(x.dtype)
+        out[g, :] = _sort64(x[g])
 
 
 @nb.njit(cache=True, nogil=True)
-def _ffi_sort_run(frame, like):
-    # operand x, result sorted x, both (rows, n) of like's dtype
-    run, f = _ffi_frame(frame)
-    if run:
-        _sort_rows(_ffi_array(f[9], 0, like), _ffi_array(f[14], 0, like))
-    return _ptr(0)
+def _sort_rows32(x, out):
+    for g in range(x.shape[0]):
+        out[g, :] = _sort32(x[g])
 
 
 @nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
 def _ffi_sort_f64(frame):
-    return _ffi_sort_run(frame, np.float64(0))
+    # operand x, result sorted x, both (rows, n) float64
+    run, f = _ffi_frame(frame)
+    if run:
+        x = np.float64(0)
+        _sort_rows64(_ffi_array(f[9], 0, x), _ffi_array(f[14], 0, x))
+    return _ptr(0)
 
 
 @nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
 def _ffi_sort_f32(frame):
-    return _ffi_sort_run(frame, np.float32(0))
+    run, f = _ffi_frame(frame)
+    if run:
+        x = np.float32(0)
+        _sort_rows32(_ffi_array(f[9], 0, x), _ffi_array(f[14], 0, x))
+    return _ptr(0)
 
 
 _CALLS = {np.dtype(np.float64): _ffi_f64, np.dtype(np.float32): _ffi_f32}
