@@ -314,3 +314,25 @@ def test_host_sort_layouts(layout):
     rng.shuffle(x)
     got, want = hk._sort64(x.copy()), np.sort(x)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_adjust_increments_many_big_gaps(dtype):
+    """Clusters separated by large gaps: every cell above the first gap gets a sequence of
+    subtractions (the kernel applies them cell by cell; upstream gap by gap)."""
+    rng = np.random.default_rng(11)
+    centres = np.cumsum(rng.uniform(5, 50, 12))
+    tau = np.concatenate([c + rng.random(500) * 1e-2 for c in centres]).astype(dtype)
+    rng.shuffle(tau)
+    tau_ = np.concatenate([c + rng.random(300) * 1e-2 for c in centres[:5]]).astype(dtype)
+    tau_ = np.concatenate([tau_, np.zeros(len(tau) - len(tau_), dtype)])
+    on = np.zeros(len(tau), bool)
+    on[: len(tau) // 2] = True
+    off = np.zeros(len(tau), bool)
+    off[:1500] = True
+    exp_tau, exp_tau_ = tau.copy(), tau_.copy()
+    exp_tau[on], exp_tau_[off] = up.adjust_increments(tau[on], tau_[off])
+    assert not np.array_equal(exp_tau, tau)  # gaps were removed
+    got, got_ = assign.adjust_increments(*map(jnp.asarray, (tau, on, tau_, off)))
+    np.testing.assert_array_equal(np.asarray(got), exp_tau)
+    np.testing.assert_array_equal(np.asarray(got_), exp_tau_)

@@ -186,12 +186,23 @@ def _gaps(x):
 @nb.njit(cache=True, nogil=True)
 def _subtract(out, vals, mask, s, d, ub):
     # for i in where(d > ub): out[mask & (vals >= s[i])] -= d[i]   (sequential, in order)
-    for i in range(d.shape[0]):
-        if d[i] > ub:
-            ti = s[i]
-            for c in range(vals.shape[0]):
-                if mask[c] and vals[c] >= ti:
-                    out[c] = np.float64(out[c]) - d[i]
+    # Cell by cell: the big gaps' thresholds s[i] ascend, so a cell's subtractions are
+    # those of a prefix of them, applied in the same ascending order (each rounded to
+    # out's dtype) -- the same values, in O(cells + subtractions) instead of
+    # O(cells x big gaps).
+    big = np.flatnonzero(d > ub)
+    k = big.shape[0]
+    if k == 0:
+        return
+    thr = s[big]
+    dd = d[big]
+    for c in range(vals.shape[0]):
+        if mask[c]:
+            v = vals[c]
+            i = 0
+            while i < k and v >= thr[i]:
+                out[c] = np.float64(out[c]) - dd[i]
+                i += 1
 
 
 @nb.njit(cache=True, nogil=True)
