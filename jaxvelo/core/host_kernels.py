@@ -28,7 +28,7 @@ import numba as nb
 import numpy as np
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 # Imported lazily (by :func:`jaxvelo.core.assign.adjust_increments` on the CPU backend):
 # numba is only needed there. Module-level functions so that numba's on-disk cache hits.
@@ -315,36 +315,38 @@ def _ffi_f32(frame):
     return _ffi_run(frame, np.float32(0))
 
 
-@nb.njit(cache=True, nogil=True)
-def _sort_rows64(x, out):
-    # np.sort along the last axis, on the bit patterns (no float conversion: see _sort64)
-    for g in range(x.shape[0]):
-        out[g, :] = _sort64(x[g])
+def _sort_row(x):
+    """``np.sort`` of one float row on its bit patterns (dispatched on the dtype)."""
+    return np.sort(x)
+
+
+@overload(_sort_row)
+def _sort_row_impl(x):
+    if x.dtype == types.float32:
+        return lambda x: _sort32(x)
+    return lambda x: _sort64(x)
 
 
 @nb.njit(cache=True, nogil=True)
-def _sort_rows32(x, out):
-    for g in range(x.shape[0]):
-        out[g, :] = _sort32(x[g])
+def _ffi_sort_run(frame, like):
+    # operand x, result sorted x, both (rows, n) of like's dtype; np.sort along the last
+    # axis on the bit patterns (no float conversion: see _sort64)
+    run, f = _ffi_frame(frame)
+    if run:
+        x, out = _ffi_array(f[9], 0, like), _ffi_array(f[14], 0, like)
+        for g in range(x.shape[0]):
+            out[g, :] = _sort_row(x[g])
+    return _ptr(0)
 
 
 @nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
 def _ffi_sort_f64(frame):
-    # operand x, result sorted x, both (rows, n) float64
-    run, f = _ffi_frame(frame)
-    if run:
-        x = np.float64(0)
-        _sort_rows64(_ffi_array(f[9], 0, x), _ffi_array(f[14], 0, x))
-    return _ptr(0)
+    return _ffi_sort_run(frame, np.float64(0))
 
 
 @nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
 def _ffi_sort_f32(frame):
-    run, f = _ffi_frame(frame)
-    if run:
-        x = np.float32(0)
-        _sort_rows32(_ffi_array(f[9], 0, x), _ffi_array(f[14], 0, x))
-    return _ptr(0)
+    return _ffi_sort_run(frame, np.float32(0))
 
 
 _CALLS = {np.dtype(np.float64): _ffi_f64, np.dtype(np.float32): _ffi_f32}
