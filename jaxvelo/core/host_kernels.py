@@ -36,8 +36,10 @@ from numba.extending import intrinsic, overload
 
 _SIGN = np.uint64(1) << np.uint64(63)
 _EXP64 = np.uint64(0x7FF0000000000000)  # +inf; larger magnitudes are NaNs
+_ONES64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _SIGN32 = np.uint64(1) << np.uint64(31)
 _EXP32 = np.uint64(0x7F800000)
+_ONES32 = np.uint64(0xFFFFFFFF)
 
 
 @nb.njit(cache=True, nogil=True)
@@ -70,56 +72,57 @@ def _lsd(src, dst):
 
 
 @nb.njit(cache=True, nogil=True)
-def _sort64(x):
-    """``np.sort(x)`` for float64 ``x`` by the LSD radix sort (:func:`_lsd`, several times
-    faster than numba's quicksort on the unpredictable orders of assigned times). Keys
-    map IEEE order to unsigned order (negative: all bits flipped; else the sign bit set)
-    with integer operations only -- XLA runs custom calls with denormals flushed, so no
-    floating-point conversion may touch the values. NaNs sort last as in numpy (their payload is not
-    kept: callers treat any NaN alike). Equal values are indistinguishable in the output
-    except ``-0.0`` before ``+0.0``, which compare equal in every later use."""
-    n = x.shape[0]
+def _sort_patterns(bits, sign, exp, ones):
+    """Bit patterns of IEEE floats (zero-extended to uint64; ``sign``/``exp``: the sign bit
+    and +inf's pattern, ``ones``: all bits of the width) in ``np.sort`` order. Keys map
+    IEEE order to unsigned order (negative: all bits flipped; else the sign bit set) with
+    integer operations only -- XLA runs custom calls with denormals flushed, so no
+    floating-point conversion may touch the values. NaNs sort last as in numpy (their
+    payload is not kept: callers treat any NaN alike). Equal values are indistinguishable
+    in the output except ``-0.0`` before ``+0.0``, which compare equal in every later use.
+    """
+    n = bits.shape[0]
     keys = np.empty(n, np.uint64)
-    bits = x.view(np.uint64)
     for i in range(n):
-        u = bits[i]
-        if (u & ~_SIGN) > _EXP64:  # NaN
-            k = np.uint64(0xFFFFFFFFFFFFFFFF)
-        elif u & _SIGN:
-            k = ~u
+        u = np.uint64(bits[i])
+        if (u & ~sign) > exp:  # NaN
+            keys[i] = ones
+        elif u & sign:
+            keys[i] = ~u & ones
         else:
-            k = u | _SIGN
-        keys[i] = k
+            keys[i] = u | sign
     s = _lsd(keys, np.empty(n, np.uint64))
-    out = np.empty(n, np.uint64)
     for i in range(n):
         k = s[i]
-        out[i] = k & ~_SIGN if k & _SIGN else ~k
-    return out.view(np.float64)
+        s[i] = k & ~sign if k & sign else ~k & ones
+    return s
+
+
+@nb.njit(cache=True, nogil=True)
+def _sort64(x):
+    """``np.sort(x)`` for float64 ``x`` by the LSD radix sort (:func:`_lsd`, several times
+    faster than numba's quicksort on the unpredictable orders of assigned times) of the
+    bit patterns (:func:`_sort_patterns`)."""
+    return _sort_patterns(x.view(np.uint64), _SIGN, _EXP64, _ONES64).view(np.float64)
 
 
 @nb.njit(cache=True, nogil=True)
 def _sort32(x):
-    """``np.sort(x)`` for float32 ``x``: :func:`_sort64`'s key map on the 32-bit
-    patterns (keys zero-extended to 64 bits)."""
-    n = x.shape[0]
-    keys = np.empty(n, np.uint64)
-    bits = x.view(np.uint32)
-    for i in range(n):
-        u = np.uint64(bits[i])
-        if (u & ~_SIGN32) > _EXP32:  # NaN
-            k = np.uint64(0xFFFFFFFF)
-        elif u & _SIGN32:
-            k = ~u & np.uint64(0xFFFFFFFF)
-        else:
-            k = u | _SIGN32
-        keys[i] = k
-    s = _lsd(keys, np.empty(n, np.uint64))
-    out = np.empty(n, np.uint32)
-    for i in range(n):
-        k = s[i]
-        out[i] = np.uint32(k & ~_SIGN32 if k & _SIGN32 else ~k & np.uint64(0xFFFFFFFF))
-    return out.view(np.float32)
+    """``np.sort(x)`` for float32 ``x`` (:func:`_sort64` on the 32-bit patterns)."""
+    s = _sort_patterns(x.view(np.uint32), _SIGN32, _EXP32, _ONES32)
+    return s.astype(np.uint32).view(np.float32)
+
+
+def _sort_row(x):
+    """``np.sort`` of one float row on its bit patterns (dispatched on the dtype)."""
+    return np.sort(x)
+
+
+@overload(_sort_row)
+def _sort_row_impl(x):
+    if x.dtype == types.float32:
+        return lambda x: _sort32(x)
+    return lambda x: _sort64(x)
 
 
 @nb.njit(cache=True, nogil=True)
@@ -171,15 +174,13 @@ def _percentile995(x):
 
 @nb.njit(cache=True, nogil=True)
 def _gaps(x):
-    # np.sort(x), np.diff(sorted, prepend=0) -- float64 (int64 prepend promotes); the
-    # sorted values in x's dtype (float32 -> float64 -> float32 is exact)
-    s64 = _sort64(x.astype(np.float64))
-    s = s64.astype(x.dtype)
+    # np.sort(x), np.diff(sorted, prepend=0) -- float64 (int64 prepend promotes)
+    s = _sort_row(x)
     d = np.empty(s.shape[0], np.float64)
     prev = 0.0
     for i in range(s.shape[0]):
-        d[i] = s64[i] - prev
-        prev = s64[i]
+        d[i] = np.float64(s[i]) - prev
+        prev = np.float64(s[i])
     return s, d
 
 
@@ -313,18 +314,6 @@ def _ffi_f64(frame):
 @nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
 def _ffi_f32(frame):
     return _ffi_run(frame, np.float32(0))
-
-
-def _sort_row(x):
-    """``np.sort`` of one float row on its bit patterns (dispatched on the dtype)."""
-    return np.sort(x)
-
-
-@overload(_sort_row)
-def _sort_row_impl(x):
-    if x.dtype == types.float32:
-        return lambda x: _sort32(x)
-    return lambda x: _sort64(x)
 
 
 @nb.njit(cache=True, nogil=True)
