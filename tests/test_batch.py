@@ -9,7 +9,7 @@ import time
 import pytest
 
 from jaxvelo.core import batch
-from jaxvelo.core.batch import BYTES_PER_GENE_CELL, MAX_BATCH, auto_batch_size
+from jaxvelo.core.batch import MAX_BATCH, auto_batch_size, working_bytes
 
 
 @pytest.mark.parametrize(
@@ -17,7 +17,9 @@ from jaxvelo.core.batch import BYTES_PER_GENE_CELL, MAX_BATCH, auto_batch_size
     [
         (611, 3696, 2, 64),  # the pancreas: 10 batches of 64 (as before)
         (200, 5780, 2, 56),  # 4 batches of 56, not 64 + 64 + 64 + 8 padded to 64
-        (20, 50_000, 2, 5),  # within the budget, the same number of batches per worker
+        (20, 50_000, 2, 10),  # within the budget, the same number of batches per worker
+        (200, 9815, 2, 56),
+        (2000, 50_000, 2, 18),  # 2 x 18 genes x 50,000 cells fit 1 GiB, 19 do not
         (1327, 100, 2, 64),
         (5, 100, 1, 5),
         (3, 3696, 2, 2),  # both workers get a batch
@@ -37,7 +39,7 @@ def test_auto_batch_size_respects_the_budget(mode, budget, cells, workers):
         b = auto_batch_size(genes, cells, workers, mode, budget=budget)
         assert 1 <= b <= min(MAX_BATCH, genes)
         if b > 1:  # one gene per batch is the floor, whatever the budget
-            assert workers * b * cells * BYTES_PER_GENE_CELL[mode] <= budget
+            assert workers * working_bytes(b, cells, mode) <= budget
         n_batches = -(-genes // b)
         # no worker idles while another has two batches more than it
         assert n_batches >= min(workers, genes) or b == 1

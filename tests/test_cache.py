@@ -24,7 +24,11 @@ orig = batch._program
 batch._program = lambda *a, **k: traced.append(1) or orig(*a, **k)
 t = time.perf_counter()
 res = batch.fit_genes(u, s, FitConfig(n_obs=a.n_obs), batch_size=4)
+fn = next(iter(batch._MEMORY.values()))
+genes, cells = fn.args_info[0][0].u.shape
 print(json.dumps({"traced": len(traced), "seconds": time.perf_counter() - t,
+                  "temp": fn.memory_analysis().temp_size_in_bytes,
+                  "model": batch.working_bytes(genes, cells),
                   "pars": res["pars"].tolist(), "loss": np.nan_to_num(res["loss_hist"]).tolist()}))
 """
 
@@ -45,6 +49,9 @@ def test_second_process_loads_cached_program(tmp_path):
     assert second["traced"] == 0  # loaded from disk: no tracing, no XLA compilation
     assert second["pars"] == first["pars"] and second["loss"] == first["loss"]
     assert second["seconds"] < first["seconds"]
+    # the batch-size model bounds the compiled program's working memory (from a compiled and
+    # from a loaded program: the same analysis)
+    assert 0 < first["temp"] == second["temp"] <= first["model"]
 
 
 def test_cache_dir_setting(monkeypatch, tmp_path):

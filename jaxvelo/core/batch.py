@@ -62,10 +62,19 @@ def n_devices() -> int:
 
 MAX_BATCH = 64  # genes per batch at most: larger batches gain little on CPU
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of working memory for the batches in flight
-# Working memory (XLA temporaries) per gene and cell of a batch, from the compiled
-# programs' ``memory_analysis()`` (1500 pancreas cells, 16 genes: exact 1237, gradient 434),
-# rounded up; see docs/design.md.
-BYTES_PER_GENE_CELL = {"exact": 1536, "gradient": 512}
+# Working memory (XLA temporaries) of a batch: ``cells * (genes * BYTES_PER_GENE_CELL +
+# BYTES_PER_CELL)``, from the compiled programs' ``memory_analysis()`` (exact mode, bdfa457:
+# 418-424 B per added gene and cell at 1500 and 50,000 cells, plus 600-700 B per cell for
+# the cell-only arrays; 413-462 B per gene and cell in all from 100 cells x 64 genes to
+# 50,000 x 5; gradient mode ~450 + ~350), rounded up; see docs/design.md.
+BYTES_PER_GENE_CELL = {"exact": 512, "gradient": 512}
+BYTES_PER_CELL = 1024
+
+
+def working_bytes(genes: int, cells: int, mode: str = "exact") -> int:
+    """Bytes of XLA temporaries one batch of ``genes`` genes and ``cells`` cells needs
+    (an upper bound of the compiled program's ``memory_analysis().temp_size_in_bytes``)."""
+    return max(1, cells) * (max(1, genes) * BYTES_PER_GENE_CELL[mode] + BYTES_PER_CELL)
 
 
 def _parse_bytes(text: str) -> int:
@@ -95,15 +104,16 @@ def auto_batch_size(
     """Genes per batch for ``n_genes`` genes of ``n_obs`` cells on ``workers`` threads.
 
     At most :data:`MAX_BATCH` and at most what fits the memory budget
-    (:func:`memory_budget` shared by the ``workers`` batches in flight, at
-    :data:`BYTES_PER_GENE_CELL`); then the fewest batches, a multiple of ``workers`` so
+    (:func:`memory_budget` shared by the ``workers`` batches in flight, each needing
+    :func:`working_bytes`); then the fewest batches, a multiple of ``workers`` so
     that every thread has work, of equal size (rounded up to a multiple of 8 above 16 genes,
     so that similar gene counts share compiled programs).
     """
     budget = memory_budget() if budget is None else budget
     workers = max(1, int(workers))
     per_gene = max(1, n_obs) * BYTES_PER_GENE_CELL[mode]
-    cap = int(max(1, min(MAX_BATCH, budget // (workers * per_gene))))
+    fixed = max(1, n_obs) * BYTES_PER_CELL  # the cell-only arrays of a batch
+    cap = int(max(1, min(MAX_BATCH, (budget // workers - fixed) // per_gene)))
     n_batches = -(-max(1, n_genes) // cap)
     n_batches = -(-n_batches // workers) * workers
     size = -(-max(1, n_genes) // n_batches)
