@@ -40,6 +40,7 @@ class Neighbors(NamedTuple):
     inv: Array  # (n_obs,) int32
 
 
+@jax.jit  # traced once per shape (each program smooths at several sites)
 def _smooth_cells_first(nbrs: Neighbors, x: Array) -> Array:
     """``connectivities.dot(x)`` for ``x`` of shape (n_obs, C), C contiguous columns.
 

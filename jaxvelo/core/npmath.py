@@ -62,6 +62,8 @@ Requires ``jax_enable_x64`` (the FMA emulation needs float64 and int64).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -356,6 +358,12 @@ def _log_kernel(xbits: jax.Array) -> jax.Array:
 
 # ------------------------------------------------------------------------------ public
 
+# Jitted so that a program traces each kernel once per shape and dtype: later uses reuse the
+# jaxpr and its lowering (XLA inlines the calls, so the optimised program is the same).
+_exp_jit = jax.jit(functools.partial(_apply, _exp_kernel))
+_log_jit = jax.jit(functools.partial(_apply, _log_kernel))
+
+
 
 def np_exp32(x: jax.Array) -> jax.Array:
     """``np.exp`` on float32, bit for bit as numpy's AVX512F/AVX2 kernel computes it.
@@ -375,7 +383,7 @@ def np_exp32(x: jax.Array) -> jax.Array:
         subnormal results in between are exact as returned.  numpy additionally sets its
         overflow/underflow floating-point flags (RuntimeWarning); this does not.
     """
-    return _apply(_exp_kernel, x)
+    return _exp_jit(x)
 
 
 def np_log32(x: jax.Array) -> jax.Array:
@@ -393,7 +401,7 @@ def np_log32(x: jax.Array) -> jax.Array:
         -inf``, ``log(x < 0) = -nan`` (sign bit set, as numpy's ``-NPY_NANF``),
         ``log(nan) = +nan``, ``log(inf) = inf``; subnormal inputs are exact.
     """
-    return _apply(_log_kernel, x)
+    return _log_jit(x)
 
 
 # ------------------------------------------------------------------- run-time check
