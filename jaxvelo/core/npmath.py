@@ -364,7 +364,6 @@ _exp_jit = jax.jit(functools.partial(_apply, _exp_kernel))
 _log_jit = jax.jit(functools.partial(_apply, _log_kernel))
 
 
-
 def np_exp32(x: jax.Array) -> jax.Array:
     """``np.exp`` on float32, bit for bit as numpy's AVX512F/AVX2 kernel computes it.
 
