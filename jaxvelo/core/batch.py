@@ -74,7 +74,7 @@ BYTES_PER_CELL = 1024
 def working_bytes(genes: int, cells: int, mode: str = "exact") -> int:
     """Bytes of XLA temporaries one batch of ``genes`` genes and ``cells`` cells needs
     (an upper bound of the compiled program's ``memory_analysis().temp_size_in_bytes``)."""
-    return max(1, cells) * (max(1, genes) * BYTES_PER_GENE_CELL[mode] + BYTES_PER_CELL)
+    return max(1, cells) * (max(0, genes) * BYTES_PER_GENE_CELL[mode] + BYTES_PER_CELL)
 
 
 def _parse_bytes(text: str) -> int:
@@ -111,8 +111,8 @@ def auto_batch_size(
     """
     budget = memory_budget() if budget is None else budget
     workers = max(1, int(workers))
-    per_gene = max(1, n_obs) * BYTES_PER_GENE_CELL[mode]
-    fixed = max(1, n_obs) * BYTES_PER_CELL  # the cell-only arrays of a batch
+    fixed = working_bytes(0, n_obs, mode)  # the cell-only arrays of a batch
+    per_gene = working_bytes(1, n_obs, mode) - fixed
     cap = int(max(1, min(MAX_BATCH, (budget // workers - fixed) // per_gene)))
     n_batches = -(-max(1, n_genes) // cap)
     n_batches = -(-n_batches // workers) * workers
