@@ -18,8 +18,9 @@ from jaxvelo.core.batch import MAX_BATCH, auto_batch_size, working_bytes
         (611, 3696, 2, 64),  # the pancreas: 10 batches of 64 (as before)
         (200, 5780, 2, 56),  # 4 batches of 56, not 64 + 64 + 64 + 8 padded to 64
         (20, 50_000, 2, 10),  # within the budget, the same number of batches per worker
-        (200, 9815, 2, 56),
-        (2000, 50_000, 2, 18),  # 2 x 18 genes x 50,000 cells fit 1 GiB, 19 do not
+        (200, 9815, 2, 40),  # at most 400k genes x cells per batch: 6 batches of 40
+        (2000, 50_000, 2, 10),  # ... but 10 genes at least
+        (2000, 200_000, 2, 3),  # the memory budget decides: 2 x 3 x 200,000 cells fit 1 GiB
         (1327, 100, 2, 64),
         (5, 100, 1, 5),
         (3, 3696, 2, 2),  # both workers get a batch

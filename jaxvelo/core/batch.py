@@ -61,6 +61,12 @@ def n_devices() -> int:
 
 
 MAX_BATCH = 64  # genes per batch at most: larger batches gain little on CPU
+# Genes x cells per batch beyond which wider batches measured slower (9815 cells: 6 batches
+# of 39-40 genes ~12% faster than 4 of 56, the working set outgrowing the caches), but not
+# below WORKING_SET_MIN_GENES genes (50,000 cells: batches of 10 ~30% faster than of 5, the
+# smoothing's gathered rows being too narrow); see docs/design.md.
+WORKING_SET_GENE_CELLS = 400_000
+WORKING_SET_MIN_GENES = 10
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of working memory for the batches in flight
 # Working memory (XLA temporaries) of a batch: ``cells * (genes * BYTES_PER_GENE_CELL +
 # BYTES_PER_CELL)``, from the compiled programs' ``memory_analysis()`` (exact mode, bdfa457:
@@ -103,7 +109,8 @@ def auto_batch_size(
 ) -> int:
     """Genes per batch for ``n_genes`` genes of ``n_obs`` cells on ``workers`` threads.
 
-    At most :data:`MAX_BATCH` and at most what fits the memory budget
+    At most :data:`MAX_BATCH`, at most :data:`WORKING_SET_GENE_CELLS` genes x cells (but
+    :data:`WORKING_SET_MIN_GENES` genes allowed), and at most what fits the memory budget
     (:func:`memory_budget` shared by the ``workers`` batches in flight, each needing
     :func:`working_bytes`); then the fewest batches, a multiple of ``workers`` so
     that every thread has work, of equal size (rounded up to a multiple of 8 above 16 genes,
@@ -113,7 +120,8 @@ def auto_batch_size(
     workers = max(1, int(workers))
     fixed = working_bytes(0, n_obs, mode)  # the cell-only arrays of a batch
     per_gene = working_bytes(1, n_obs, mode) - fixed
-    cap = int(max(1, min(MAX_BATCH, (budget // workers - fixed) // per_gene)))
+    cap = min(MAX_BATCH, max(WORKING_SET_MIN_GENES, WORKING_SET_GENE_CELLS // max(1, n_obs)))
+    cap = int(max(1, min(cap, (budget // workers - fixed) // per_gene)))
     n_batches = -(-max(1, n_genes) // cap)
     n_batches = -(-n_batches // workers) * workers
     size = -(-max(1, n_genes) // n_batches)
