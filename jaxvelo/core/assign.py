@@ -68,9 +68,33 @@ def _smooth_cells_first(nbrs: Neighbors, x: Array) -> Array:
     return jnp.concatenate(outs)[nbrs.inv]
 
 
+def _smooth_host(nbrs: Neighbors, x: Array) -> Array:
+    """``connectivities.dot(x.T).T`` for ``x`` of shape (C, n_obs) as the numba custom
+    call of :mod:`.host_kernels` (CPU): per block of 16 rows of ``x``, a cells-first copy
+    and scipy's row loop over the same padded neighbour lists, with the 16 sums in vector
+    registers -- no transposes or bucket-order gathers in the program, ~3-4x faster than
+    :func:`_smooth_cells_first` on XLA:CPU. Bitwise the same values."""
+    from . import host_kernels
+
+    name = host_kernels.register_smooth(x.dtype)
+    ops = []
+    for rows, idx, val in zip(nbrs.rows, nbrs.idx, nbrs.val, strict=True):
+        ops += [rows.astype(jnp.int32), idx.astype(jnp.int32), val]
+    return jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(x.shape, x.dtype))(x, *ops)
+
+
+def _smooth_rows_first(nbrs: Neighbors, x: Array) -> Array:
+    """``connectivities.dot(x.T).T`` for ``x`` of shape (C, n_obs): the host kernel where
+    it applies (CPU, float32 connectivities, float x), else the XLA loop cells-first."""
+    if (use_host_kernels() and x.dtype in (jnp.float32, jnp.float64)
+            and all(v.dtype == jnp.float32 for v in nbrs.val)):  # fmt: skip
+        return _smooth_host(nbrs, x)
+    return _smooth_cells_first(nbrs, x.T).T
+
+
 @jax.custom_batching.custom_vmap
 def _smooth(nbrs: Neighbors, res: Array) -> Array:
-    return _smooth_cells_first(nbrs, res.T).T
+    return _smooth_rows_first(nbrs, res)
 
 
 @_smooth.def_vmap
@@ -82,10 +106,9 @@ def _smooth_batched(axis_size, in_batched, nbrs, res):
         return jax.vmap(_smooth.fun, in_axes=axes)(nbrs, res), True
     if not res_batched:
         return _smooth(nbrs, res), False
-    # genes-contiguous layout: (genes, rows, cells) -> (cells, genes * rows)
+    # all genes and rows in one pass: (genes, rows, cells) -> (genes * rows, cells)
     g, r, n = res.shape
-    out = _smooth_cells_first(nbrs, res.reshape(g * r, n).T)
-    return out.T.reshape(g, r, n), True
+    return _smooth_rows_first(nbrs, res.reshape(g * r, n)).reshape(g, r, n), True
 
 
 def smooth(nbrs: Neighbors | None, res: Array) -> Array:
