@@ -106,6 +106,39 @@ def test_projection_grid_size():
     assert assign._projection_grid_size(3696) == 500
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), genes=st.integers(1, 5), n=st.integers(1, 700),
+       m=st.integers(1, 60), f32=st.booleans(), ties=st.booleans())  # fmt: skip
+def test_projection_host_kernel_matches_xla_and_numpy(seed, genes, n, m, f32, ties):
+    """The CPU custom call of the projection's nearest grid point (blocks of 256 cells)
+    gives the XLA loop's and numpy's first minimum (``argmin`` of upstream's
+    ``((xt[None] - x_obs[:, None]) ** 2).sum(2)``), batched and unbatched."""
+    rng = np.random.default_rng(seed)
+    dtype = np.float32 if f32 else np.float64
+    u, s = (rng.random((2, genes, n)) * 2).astype(dtype)
+    gu, gs = (rng.random((2, genes, m)) * 2).astype(dtype)
+    if ties:  # repeated grid points and cells on the grid: equal distances
+        gu[:, m // 2 :], gs[:, m // 2 :] = gu[:, : m - m // 2], gs[:, : m - m // 2]
+        u[:, ::3], s[:, ::3] = gu[:, :1], gs[:, :1]
+    tp = jnp.arange(m, dtype=jnp.int32)
+    with jax.enable_x64(True):
+        proj = jax.jit(jax.vmap(lambda *a: assign._project(*a, tp)))
+        assert "jaxvelo_nearest" in proj.lower(u, s, gu, gs).as_text()  # the custom call
+        host = proj(u, s, gu, gs)
+        one = jax.jit(lambda *a: assign._project(*a, tp))(u[0], s[0], gu[0], gs[0])
+        os.environ["JAXVELO_HOST_KERNELS"] = "0"
+        try:
+            xla = jax.jit(jax.vmap(lambda *a: assign._project(*a, tp)))(u, s, gu, gs)
+        finally:
+            del os.environ["JAXVELO_HOST_KERNELS"]
+    for g in range(genes):
+        x_obs, xt = np.stack([u[g], s[g]], 1), np.stack([gu[g], gs[g]], 1)
+        expected = ((xt[None] - x_obs[:, None]) ** 2).sum(2).argmin(1)
+        np.testing.assert_array_equal(np.asarray(host[g]), expected)
+        np.testing.assert_array_equal(np.asarray(xla[g]), expected)
+    np.testing.assert_array_equal(np.asarray(one), np.asarray(host[0]))
+
+
 def _random_conn(n: int, seed: int) -> sparse.csr_matrix:
     rng = np.random.default_rng(seed)
     A = sparse.random(n, n, density=8 / n, random_state=rng, format="csr") > 0
@@ -247,6 +280,7 @@ def test_smooth_host_kernel_matches_scipy_and_xla(seed, n, cols, f32, max_bucket
     assert expected.dtype == x.dtype
     with jax.enable_x64(True):
         nbj = jax.tree_util.tree_map(jnp.asarray, nb)
+        assert "jaxvelo_smooth" in jax.jit(assign.smooth).lower(nbj, jnp.asarray(x)).as_text()
         host = jax.jit(assign._smooth_host)(nbj, jnp.asarray(x))
         xla = jax.jit(lambda v: assign._smooth_cells_first(nbj, v.T).T)(jnp.asarray(x))
     assert host.dtype == x.dtype

@@ -431,8 +431,66 @@ with _slp_vectorized():
         return _smooth_run(frame, np.float32(0))
 
 
+# --- projection: the nearest grid point of each cell -----------------------------------
+
+_NEAREST_BLOCK = 256  # cells per pass over the grid (their running minima stay in L1)
+
+
+@nb.njit(cache=True, nogil=True)
+def _nearest(u, s, gu, gs, arg):
+    # assign._project per gene (row): the first grid point j minimising
+    # (gu[j] - u)**2 + (gs[j] - s)**2 (each square rounded, then the sum) by a running
+    # strict minimum from j = 0, in the arrays' dtype; the loop over cells vectorises.
+    n = u.shape[1]
+    m = gu.shape[1]
+    best = np.empty(_NEAREST_BLOCK, u.dtype)
+    at = np.empty(_NEAREST_BLOCK, np.int32)
+    for g in range(u.shape[0]):
+        for c0 in range(0, n, _NEAREST_BLOCK):
+            w = min(n - c0, _NEAREST_BLOCK)
+            uu = u[g, c0 : c0 + w]
+            ss = s[g, c0 : c0 + w]
+            a, b = gu[g, 0], gs[g, 0]
+            for i in range(w):
+                du, ds = a - uu[i], b - ss[i]
+                best[i] = du * du + ds * ds
+                at[i] = 0
+            for j in range(1, m):
+                a, b = gu[g, j], gs[g, j]
+                for i in range(w):
+                    du, ds = a - uu[i], b - ss[i]
+                    d = du * du + ds * ds
+                    better = d < best[i]
+                    best[i] = d if better else best[i]
+                    at[i] = np.int32(j) if better else at[i]
+            arg[g, c0 : c0 + w] = at[:w]
+
+
+@nb.njit(cache=True, nogil=True)
+def _nearest_run(frame, like):
+    # operands u, s (genes, cells) and gu, gs (genes, grid) of like's dtype; result the
+    # grid index (genes, cells) int32
+    run, f = _ffi_frame(frame)
+    if run:
+        _nearest(_ffi_array(f[9], 0, like), _ffi_array(f[9], 1, like),
+                 _ffi_array(f[9], 2, like), _ffi_array(f[9], 3, like),
+                 _ffi_array(f[14], 0, np.int32(0)))  # fmt: skip
+    return _ptr(0)
+
+
+@nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
+def _ffi_nearest_f64(frame):
+    return _nearest_run(frame, np.float64(0))
+
+
+@nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
+def _ffi_nearest_f32(frame):
+    return _nearest_run(frame, np.float32(0))
+
+
 _CALLS = {np.dtype(np.float64): _ffi_f64, np.dtype(np.float32): _ffi_f32}
 _SORTS = {np.dtype(np.float64): _ffi_sort_f64, np.dtype(np.float32): _ffi_sort_f32}
+_NEARESTS = {np.dtype(np.float64): _ffi_nearest_f64, np.dtype(np.float32): _ffi_nearest_f32}
 _SMOOTHS = {np.dtype(np.float64): _ffi_smooth_f64, np.dtype(np.float32): _ffi_smooth_f32}
 
 
@@ -472,8 +530,16 @@ def register_smooth(dtype) -> str:
     return _register(f"jaxvelo_smooth_{np.dtype(dtype).name}", _SMOOTHS[np.dtype(dtype)])
 
 
+@functools.cache
+def register_nearest(dtype) -> str:
+    """Compile and register the projection's nearest-grid-point custom call
+    (:func:`jaxvelo.core.assign._project`) for ``dtype``."""
+    return _register(f"jaxvelo_nearest_{np.dtype(dtype).name}", _NEARESTS[np.dtype(dtype)])
+
+
 def register_all() -> None:
     for dt in (np.float32, np.float64):
         register(dt)
         register_sort(dt)
         register_smooth(dt)
+        register_nearest(dt)
