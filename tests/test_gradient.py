@@ -213,7 +213,7 @@ def test_sharded_over_two_devices_is_identical(tmp_path, sim):
 def test_no_host_code_off_the_cpu_path(monkeypatch, sim, host):
     """With the host kernels off (what every non-CPU backend gets) the gradient program has
     no custom call or callback: only XLA operations, so it runs on GPU unchanged. With them
-    on (CPU), the numba kernel is the one custom call."""
+    on (CPU), the numba kernels are the custom calls."""
     from jaxvelo.core import batch
     from jaxvelo.core.em import FitConfig, GeneData
     from jaxvelo.core.gradient import GradientConfig

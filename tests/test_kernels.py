@@ -179,6 +179,71 @@ def test_adjust_increments(seed, frac_on, n):
         np.testing.assert_array_equal(np.asarray(got_), exp_tau_)
 
 
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 100_000), n=st.integers(1, 3000), frac_on=st.floats(0, 1),
+       dist=st.sampled_from(["uniform", "exp2", "rounded", "clusters", "outlier"]),
+       f32=st.booleans())  # fmt: skip
+def test_adjust_increments_sort_free_path(seed, n, frac_on, dist, f32):
+    """The kernel's sort-free path (the gaps crossing a bucketing of the values) gives
+    upstream's values whenever it reports that it applies, and applies to spread-out
+    times; otherwise it leaves the outputs alone (the kernel then sorts)."""
+    from jaxvelo.core import host_kernels as hk
+
+    rng = np.random.default_rng(seed)
+
+    def draw():
+        if dist == "uniform":
+            return rng.random(n) * 10
+        if dist == "exp2":
+            return rng.exponential(1.0, n) ** 2
+        if dist == "rounded":
+            return np.round(rng.exponential(1.0, n) ** 2, 2)
+        if dist == "clusters":
+            return rng.integers(0, 4, n) * 7.0 + rng.random(n) * 1e-3
+        return np.concatenate([rng.random(n - 1), [1e6]])[rng.permutation(n)]
+
+    dtype = np.float32 if f32 else np.float64
+    tau, tau_ = draw().astype(dtype), draw().astype(dtype)
+    on = rng.random(n) < frac_on
+    exp_tau, exp_tau_ = tau.copy(), tau_.copy()
+    if on.any() and (~on).any():
+        exp_tau[on], exp_tau_[~on] = up.adjust_increments(tau[on], tau_[~on])
+    elif on.any():
+        exp_tau[on] = up.adjust_increments(tau[on])
+    else:
+        exp_tau_[~on] = up.adjust_increments(tau_[~on])
+    out, out_ = tau.copy(), tau_.copy()
+    used = hk._adjust_bucketed(out, tau, on, out_, tau_, ~on, np.empty((9, n)))
+    if used:
+        np.testing.assert_array_equal(out, exp_tau)
+        np.testing.assert_array_equal(out_, exp_tau_)
+    else:
+        np.testing.assert_array_equal(out, tau)
+        np.testing.assert_array_equal(out_, tau_)
+    if dist in ("uniform", "exp2") and n >= 200:
+        assert used
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_adjust_increments_sort_free_path_many_big_gaps(dtype):
+    """More than 32 removed gaps on the sort-free path (its cell-by-cell subtraction):
+    10,000 times, 40 gaps of 1000 and 11 of 10 above a dense cluster, so the 99.5th
+    percentile is 10 and the 40 big gaps are removed."""
+    from jaxvelo.core import host_kernels as hk
+
+    rng = np.random.default_rng(12)
+    tail = 1 + np.cumsum(np.r_[np.full(11, 10.0), np.full(40, 1000.0)])
+    tau = np.concatenate([rng.random(10_000 - len(tail)), tail]).astype(dtype)
+    rng.shuffle(tau)
+    on = np.ones(len(tau), bool)
+    out, out_ = tau.copy(), tau.copy()
+    assert hk._adjust_bucketed(out, tau, on, out_, tau, ~on, np.empty((9, len(tau))))
+    expected = up.adjust_increments(tau)
+    assert (expected != tau).sum() > 0
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(out_, tau)
+
+
 def test_adjust_increments_host_vmap_equals_xla():
     rng = np.random.default_rng(3)
     tau = np.round(rng.exponential(1.0, (7, 300)) ** 2, 3)

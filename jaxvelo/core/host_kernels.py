@@ -1,4 +1,9 @@
-"""Compiled CPU kernels for the sort-bound step of the time assignment.
+"""Compiled CPU kernels for the steps of the time assignment that XLA:CPU runs slowly.
+
+``adjust_increments``, row sorts (percentiles, KDE grid), the connectivity smoothing and
+the projection's nearest grid point run as numba functions behind XLA custom calls on
+the CPU backend; the GPU runs the XLA versions (``JAXVELO_HOST_KERNELS=0`` forces them
+here), which give the same values (``tests/test_schedule.py``).
 
 XLA's CPU sort is ~40x slower than numpy's, and ``adjust_increments`` sorts the assigned
 times twice and the gaps once per evaluation. On the CPU backend it therefore runs as a
@@ -17,6 +22,10 @@ upstream's function in ``tests/test_kernels.py``):
   ``t >= 0.5`` branch, in float64;
 - ``tau_new[tau >= ti] -= dti``: comparison in the times' dtype, subtraction of a float64
   scalar computed in float64 and rounded to the times' dtype, sequentially in gap order.
+
+Most genes need no sort at all (:func:`_adjust_bucketed`): the gaps that decide the
+percentile and the removals are the ones between buckets of a linear-time bucketing, when
+enough of them exceed every gap inside a bucket (checked; else the kernel sorts).
 """
 
 from __future__ import annotations
@@ -167,6 +176,12 @@ def _percentile995(x):
     else:
         a, b = _upper_order_stats(x, int(prev))
         gamma = vi - prev
+    return _lerp(a, b, gamma)
+
+
+@nb.njit(cache=True, nogil=True)
+def _lerp(a, b, gamma):
+    # numpy's _lerp (numpy/lib/_function_base_impl.py), float64
     diff = b - a
     if gamma >= 0.5:
         return b - diff * (1 - gamma)
@@ -207,12 +222,131 @@ def _subtract(out, vals, mask, s, d, ub):
                 i += 1
 
 
+# The sort-free path below is branch-free where the data decide (masks, empty buckets):
+# on real assigned times those branches are unpredictable and cost more than the work.
+
+
+@nb.njit(cache=True, nogil=True)
+def _compact(x, mask, dst):
+    """``dst[:count] = x[mask]`` as float64 (``dst`` at least as long as ``x``)."""
+    c = 0
+    for i in range(x.shape[0]):
+        dst[c] = np.float64(x[i])
+        c += mask[i]
+    return c
+
+
+@nb.njit(cache=True, nogil=True)
+def _cross_gaps(v, n, bmin, bmax, thr, gap):
+    """The gaps of ``np.diff(np.sort(v[:n]), prepend=0)`` that cross buckets, unsorted.
+
+    The values go to n buckets by a map that does not decrease with the value. In sorted
+    order the buckets follow each other, so the gap from one non-empty bucket to the next
+    is exactly ``min(next) - max(previous)`` (the first gap is ``min - 0``) and every other
+    gap lies inside a bucket, where it is at most that bucket's ``max - min``. Writes the
+    crossing gaps and the sorted values ending them, in ascending order, to ``gap``/``thr``
+    (``bmin``/``bmax``: scratch). Returns ``(ok, count, bound)`` with the bound on all
+    other gaps; ``ok`` is False for NaN or infinite values or a degenerate range."""
+    if n == 0:
+        return True, 0, 0.0
+    lo, hi, nan = v[0], v[0], 0.0
+    for i in range(n):
+        lo = min(lo, v[i])
+        hi = max(hi, v[i])
+        nan += v[i] * 0.0  # NaN for a NaN or an infinity
+    scale = n / (hi - lo) if hi > lo else 0.0
+    if nan != 0.0 or not np.isfinite(scale):
+        return False, 0, 0.0
+    bmin[:n] = np.inf
+    bmax[:n] = -np.inf
+    for i in range(n):
+        x = v[i]
+        j = min(int((x - lo) * scale), n - 1)  # does not decrease with x
+        bmin[j] = min(bmin[j], x)
+        bmax[j] = max(bmax[j], x)
+    c = 0
+    bound = 0.0
+    prev = 0.0  # prepend=0
+    for j in range(n):
+        a, b = bmin[j], bmax[j]
+        full = a <= b
+        thr[c] = a  # kept only where the bucket is not empty
+        gap[c] = a - prev
+        c += full
+        bound = max(bound, b - a)  # -inf for an empty bucket
+        prev = b if full else prev
+    return True, c, bound
+
+
+@nb.njit(cache=True, nogil=True)
+def _subtract_gaps(out, vals, mask, thr, gap, count, ub):
+    # for i in where(gap > ub): out[mask & (vals >= thr[i])] -= gap[i]   (in order)
+    # A few big gaps: upstream's loop as is, branch-free over the cells; else _subtract.
+    k = 0
+    for i in range(count):
+        k += gap[i] > ub
+    if k == 0:
+        return
+    if k > 32:
+        _subtract(out, vals, mask, thr[:count], gap[:count], ub)
+        return
+    for i in range(count):
+        if gap[i] > ub:
+            t, d = thr[i], gap[i]
+            for c in range(vals.shape[0]):
+                new = np.float64(out[c]) - d
+                out[c] = new if mask[c] and vals[c] >= t else out[c]
+
+
+@nb.njit(cache=True, nogil=True)
+def _adjust_bucketed(out, tau, on, out_, tau_, off, scratch):
+    """``_adjust``'s result for one gene from the crossing gaps alone (:func:`_cross_gaps`)
+    when that is provably exact; returns False (outputs untouched) otherwise.
+
+    With N gaps in all, the 99.5th percentile interpolates the order statistics k and k+1
+    (k = floor(0.995 (N - 1))): if at least N - k crossing gaps are >= the bound on the
+    others, the top N - k gaps of all are the top N - k crossing gaps, so the percentile is
+    theirs; and every other gap is <= bound <= percentile <= 3 * percentile, so the gaps
+    that are removed (> 3 * percentile) are all crossing gaps too -- the same values and
+    subtractions, in the same order, as with the full sort. Holds unless the values are
+    very clumped (then the kernel sorts). ``scratch``: float64 (9, cells)."""
+    va, vb, bmin, bmax, ta, ga, tb, gb, cross = scratch
+    na = _compact(tau, on, va)
+    nb_ = _compact(tau_, off, vb)
+    n_all = na + nb_
+    if n_all < 2:
+        return False
+    ok_a, ca, bound_a = _cross_gaps(va, na, bmin, bmax, ta, ga)
+    ok_b, cb, bound_b = _cross_gaps(vb, nb_, bmin, bmax, tb, gb)
+    if not (ok_a and ok_b):
+        return False
+    bound = max(bound_a, bound_b)
+    vi = (n_all - 1) * (99.5 / 100)
+    prev = np.floor(vi)
+    need = n_all - int(prev)  # order statistics k..N-1 (>= 2 as vi < N - 1)
+    cross[:ca] = ga[:ca]
+    cross[ca : ca + cb] = gb[:cb]
+    count = 0
+    for i in range(ca + cb):
+        count += cross[i] >= bound
+    if count < need:
+        return False
+    lo, hi = _upper_order_stats(cross[: ca + cb], ca + cb - need)
+    ub = 3 * _lerp(lo, hi, vi - prev)
+    _subtract_gaps(out, tau, on, ta, ga, ca, ub)
+    _subtract_gaps(out_, tau_, off, tb, gb, cb, ub)
+    return True
+
+
 @nb.njit(cache=True, nogil=True)
 def _adjust(tau, on, tau_, off, out, out_):
     # compute_divergence ~294-300 per gene (row): both groups share the threshold
+    scratch = np.empty((9, tau.shape[1]), np.float64)
     for g in range(tau.shape[0]):
         out[g, :] = tau[g, :]
         out_[g, :] = tau_[g, :]
+        if _adjust_bucketed(out[g], tau[g], on[g], out_[g], tau_[g], off[g], scratch):
+            continue
         a = tau[g][on[g]]
         b = tau_[g][off[g]]
         if a.shape[0] == 0 and b.shape[0] == 0:
