@@ -125,6 +125,13 @@ def _projection_grid_size(n_obs: int) -> int:
     return int(min(max(int(n_obs / 5), 200), 500))
 
 
+def _all_batched(axis_size: int, in_batched, args) -> list:
+    """A custom-call batching rule's operands with the unbatched ones broadcast along the
+    batch axis (the kernels take every operand per gene)."""
+    return [x if b else jnp.broadcast_to(x, (axis_size, *x.shape))
+            for x, b in zip(args, in_batched, strict=True)]  # fmt: skip
+
+
 def _nearest_call(u: Array, s: Array, gu: Array, gs: Array) -> Array:
     from . import host_kernels
 
@@ -139,11 +146,7 @@ def _nearest_host(u, s, gu, gs):
 
 @_nearest_host.def_vmap
 def _nearest_host_batched(axis_size, in_batched, u, s, gu, gs):
-    def full(x, b):
-        return x if b else jnp.broadcast_to(x, (axis_size, *x.shape))
-
-    args = [full(x, b) for x, b in zip((u, s, gu, gs), in_batched, strict=True)]
-    return _nearest_call(*args), True
+    return _nearest_call(*_all_batched(axis_size, in_batched, (u, s, gu, gs))), True
 
 
 def _project(u: Array, s: Array, gu: Array, gs: Array, tpoints: Array) -> Array:
@@ -388,10 +391,7 @@ def _adjust_host(tau, on, tau_, off):
 
 @_adjust_host.def_vmap
 def _adjust_host_batched(axis_size, in_batched, tau, on, tau_, off):
-    def full(x, b):
-        return x if b else jnp.broadcast_to(x, (axis_size, *x.shape))
-
-    args = [full(x, b) for x, b in zip((tau, on, tau_, off), in_batched, strict=True)]
+    args = _all_batched(axis_size, in_batched, (tau, on, tau_, off))
     return _adjust_call(*args), (True, True)
 
 
