@@ -137,6 +137,35 @@ def test_sum_large_buffer_and_signed_zero():
         assert_bitwise(j_sum(z, n), np.add.reduce(z[:n]))  # +0.0, like numpy
 
 
+@pytest.mark.parametrize("host", [True, False], ids=["custom-call", "xla"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pairwise_sum_host_and_xla_bitwise(dtype, host, monkeypatch):
+    # Both implementations (numba custom call on CPU, the XLA port elsewhere), unbatched,
+    # batched with per-row n, nested vmap and the gathered variant pairwise_sum_at.
+    monkeypatch.setenv("JAXVELO_HOST_KERNELS", "1" if host else "0")
+    rng = np.random.default_rng(11)
+    ns = np.array([0, 1, 7, 8, 9, 127, 128, 129, 130, 257, 1000, 2047, 3696, 4096], np.int32)
+    xb = np.stack([buffer(scrna_like(rng, int(n), dtype), rng) for n in ns])
+    xb[3, :5] = -0.0
+    masks = rng.random(xb.shape) < 0.7
+    idx = np.stack([np.argsort(~m, kind="stable") for m in masks]).astype(np.int32)
+    cnt = masks.sum(1).astype(np.int32)
+    one = jax.jit(lambda x, n: nm.pairwise_sum(x, n))
+    rows = jax.jit(jax.vmap(nm.pairwise_sum))
+    nested = jax.jit(jax.vmap(jax.vmap(nm.pairwise_sum, in_axes=(0, None)), in_axes=(None, 0)))
+    at = jax.jit(jax.vmap(nm.pairwise_sum_at))
+    got_rows, got_at = np.asarray(rows(xb, ns)), np.asarray(at(xb, idx, cnt))
+    got_nested = np.asarray(nested(xb, ns[:3]))
+    for i, n in enumerate(ns):
+        want = np.add.reduce(xb[i, :n])
+        assert_bitwise(one(xb[i], n), want)
+        assert_bitwise(got_rows[i], want)
+        assert_bitwise(got_at[i], np.add.reduce(xb[i][masks[i]]))
+    for j, n in enumerate(ns[:3]):
+        for i in range(len(ns)):
+            assert_bitwise(got_nested[j, i], np.add.reduce(xb[i, :n]))
+
+
 finite32 = st.floats(
     min_value=-1e6, max_value=1e6, allow_nan=False, allow_subnormal=False, width=32
 ).map(lambda v: 0.0 if abs(v) < 1e-6 else v)  # keep results away from subnormals

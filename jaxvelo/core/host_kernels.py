@@ -1,9 +1,10 @@
 """Compiled CPU kernels for the steps of the time assignment that XLA:CPU runs slowly.
 
-``adjust_increments``, row sorts (percentiles, KDE grid), the connectivity smoothing and
-the projection's nearest grid point run as numba functions behind XLA custom calls on
-the CPU backend; the GPU runs the XLA versions (``JAXVELO_HOST_KERNELS=0`` forces them
-here), which give the same values (``tests/test_schedule.py``).
+``adjust_increments``, row sorts (percentiles, KDE grid), the connectivity smoothing,
+the projection's nearest grid point and numpy's pairwise summation run as numba functions
+behind XLA custom calls on the CPU backend; the GPU runs the XLA versions
+(``JAXVELO_HOST_KERNELS=0`` forces them here), which give the same values
+(``tests/test_schedule.py``).
 
 XLA's CPU sort is ~40x slower than numpy's, and ``adjust_increments`` sorts the assigned
 times twice and the gaps once per evaluation. On the CPU backend it therefore runs as a
@@ -622,10 +623,122 @@ def _ffi_nearest_f32(frame):
     return _nearest_run(frame, np.float32(0))
 
 
+# --- numpy's pairwise summation ---------------------------------------------------------
+
+_PW_BLOCKSIZE = 128
+
+
+@nb.njit(cache=True, nogil=True)
+def _pairwise_leaf(a, lo, n):
+    # numpy/_core/src/umath/loops_utils.h.src, @TYPE@_pairwise_sum for n <= 128, in the
+    # array's dtype: n < 8 sequential, else eight strided accumulators. numpy starts the
+    # sequential branch at -0.0; -0.0 + a[0] is a[0] bit for bit, so it starts at a[lo].
+    if n < 8:
+        res = a[lo]
+        for i in range(lo + 1, lo + n):
+            res += a[i]
+        return res
+    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+    end = lo + n - n % 8
+    for i in range(lo + 8, end, 8):
+        r0, r1, r2, r3 = r0 + a[i], r1 + a[i + 1], r2 + a[i + 2], r3 + a[i + 3]
+        r4, r5, r6, r7 = r4 + a[i + 4], r5 + a[i + 5], r6 + a[i + 6], r7 + a[i + 7]
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    for i in range(end, lo + n):
+        res += a[i]
+    return res
+
+
+@nb.njit(cache=True, nogil=True)
+def _pairwise(a, n, tasks, vals):
+    # numpy's recursion (n > 128: split at n2 = n / 2 rounded down to a multiple of 8,
+    # pairwise(a, n2) + pairwise(a + n2, n - n2)) with explicit stacks, left before right
+    # (numba's cached recursive functions do not link). tasks: (lo, n) pairs, n = -1
+    # marks "add the top two values"; each split pushes 3 and pops 1 entry.
+    tasks[0, 0], tasks[0, 1] = 0, n
+    tp, sp = 1, 0
+    while tp > 0:
+        tp -= 1
+        lo, m = tasks[tp, 0], tasks[tp, 1]
+        if m < 0:
+            vals[sp - 2] = vals[sp - 2] + vals[sp - 1]
+            sp -= 1
+        elif m <= _PW_BLOCKSIZE:
+            vals[sp] = _pairwise_leaf(a, lo, m)
+            sp += 1
+        else:
+            n2 = m // 2
+            n2 -= n2 % 8
+            tasks[tp, 0], tasks[tp, 1] = 0, -1
+            tasks[tp + 1, 0], tasks[tp + 1, 1] = lo + n2, m - n2
+            tasks[tp + 2, 0], tasks[tp + 2, 1] = lo, n2
+            tp += 3
+    return vals[0]
+
+
+@nb.njit(cache=True, nogil=True)
+def _pairwise_rows(x, n, out):
+    # out[g] = np.add.reduce(x[g, :n[g]]) = 0.0 + pairwise(x[g, :n[g]]): a zero total is +0.0
+    tasks = np.empty((192, 2), np.int64)  # depth <= 63 splits for any int64 length
+    vals = np.empty(64, x.dtype)
+    for g in range(x.shape[0]):
+        m = min(max(n[g], 0), x.shape[1])
+        if m == 0:
+            out[g] = 0
+            continue
+        total = _pairwise(x[g], m, tasks, vals)
+        out[g] = abs(total) if total == 0 else total
+
+
+@nb.njit(cache=True, nogil=True)
+def _pairwise_at_rows(x, idx, n, out):
+    # out[g] = np.add.reduce(x[g, idx[g, :n[g]]]): the selected elements gathered in order
+    tasks = np.empty((192, 2), np.int64)
+    vals = np.empty(64, x.dtype)
+    buf = np.empty(x.shape[1], x.dtype)
+    for g in range(x.shape[0]):
+        m = min(max(n[g], 0), x.shape[1])
+        if m == 0:
+            out[g] = 0
+            continue
+        for i in range(m):
+            buf[i] = x[g, idx[g, i]]
+        total = _pairwise(buf, m, tasks, vals)
+        out[g] = abs(total) if total == 0 else total
+
+
+@nb.njit(cache=True, nogil=True)
+def _pairwise_run(frame, like):
+    # operands x (rows, N) of like's dtype, n (rows,) int32 and optionally idx (rows, N)
+    # int32 (sum x[idx[:n]] instead of x[:n]); result (rows,) like x
+    run, f = _ffi_frame(frame)
+    if run:
+        x = _ffi_array(f[9], 0, like)
+        n = _ffi_vector(f[9], 1, np.int32(0))
+        out = _ffi_vector(f[14], 0, like)
+        if f[7] == 3:
+            _pairwise_at_rows(x, _ffi_array(f[9], 2, np.int32(0)), n, out)
+        else:
+            _pairwise_rows(x, n, out)
+    return _ptr(0)
+
+
+@nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
+def _ffi_pairwise_f64(frame):
+    return _pairwise_run(frame, np.float64(0))
+
+
+@nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
+def _ffi_pairwise_f32(frame):
+    return _pairwise_run(frame, np.float32(0))
+
+
 _CALLS = {np.dtype(np.float64): _ffi_f64, np.dtype(np.float32): _ffi_f32}
 _SORTS = {np.dtype(np.float64): _ffi_sort_f64, np.dtype(np.float32): _ffi_sort_f32}
 _NEARESTS = {np.dtype(np.float64): _ffi_nearest_f64, np.dtype(np.float32): _ffi_nearest_f32}
 _SMOOTHS = {np.dtype(np.float64): _ffi_smooth_f64, np.dtype(np.float32): _ffi_smooth_f32}
+_PAIRWISE = {np.dtype(np.float64): _ffi_pairwise_f64, np.dtype(np.float32): _ffi_pairwise_f32}
 
 
 def target_name(dtype) -> str:
@@ -671,8 +784,16 @@ def register_nearest(dtype) -> str:
     return _register(f"jaxvelo_nearest_{np.dtype(dtype).name}", _NEARESTS[np.dtype(dtype)])
 
 
+@functools.cache
+def register_pairwise(dtype) -> str:
+    """Compile and register the pairwise-sum custom call (``np.add.reduce`` of each row's
+    first ``n`` elements, :func:`jaxvelo.core.numerics.pairwise_sum`) for ``dtype``."""
+    return _register(f"jaxvelo_pairwise_sum_{np.dtype(dtype).name}", _PAIRWISE[np.dtype(dtype)])
+
+
 def register_all() -> None:
     for dt in (np.float32, np.float64):
+        register_pairwise(dt)
         register(dt)
         register_sort(dt)
         register_smooth(dt)

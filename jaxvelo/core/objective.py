@@ -16,7 +16,7 @@ from jax import Array
 
 from .npmath import np_exp32
 from .numerics import fma_barrier as fb
-from .numerics import materialize, pairwise_sum, stable_partition, true_divide
+from .numerics import pairwise_sum, pairwise_sum_at, stable_partition, true_divide
 from .numerics import round32 as r32
 
 
@@ -148,7 +148,7 @@ def se(t, u, s, sub: Subset, pars, std_u, std_s, ratio, fl: Flags = NO_FLAGS) ->
     r = fl.gamma & fl.beta & fl.ratio
     distx = fb(udiff**2) + fb(sdiff**2)
     distx = distx + fb(r32(reg**2, r))
-    return pairwise_sum(materialize(distx, jnp.minimum(sub.n, 0))[sub.idx], sub.n)
+    return pairwise_sum_at(distx, sub.idx, sub.n)
 
 
 def mse(t, u, s, sub: Subset, pars, std_u, std_s, ratio, fl: Flags = NO_FLAGS) -> Array:
