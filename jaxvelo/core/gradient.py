@@ -48,7 +48,7 @@ from .em import (
     initial_state,
 )
 from .kinetics import solution
-from .numerics import pairwise_sum
+from .numerics import pairwise_sum_differentiable
 
 __all__ = ["GradientConfig", "fit_gene_gradient", "phase_loss"]
 
@@ -107,7 +107,8 @@ def phase_loss(pars, u, s, tau, on, n, std_u, std_s, ratio) -> Array:
     (``udiff = (u_model * scaling - u) / std_u`` as in ``get_dists``; the regulariser
     ``(gamma / beta - ratio) * s / std_s`` once ``ratio`` is set, utils ~817-819).
 
-    Summed by :func:`~jaxvelo.core.numerics.pairwise_sum`, a fixed order: XLA's own
+    Summed by :func:`~jaxvelo.core.numerics.pairwise_sum_differentiable` (numpy's pairwise
+    order by the XLA version, which JAX differentiates), a fixed order: XLA's own
     reductions may order a sum differently for other batch shapes, and results must not
     depend on the batch size or on how genes are split over devices."""
     ut, st = _phase_solution(pars, tau, on)
@@ -116,7 +117,7 @@ def phase_loss(pars, u, s, tau, on, n, std_u, std_s, ratio) -> Array:
     reg = jnp.where(jnp.isnan(ratio), 0.0, (pars[GAMMA] / pars[BETA] - ratio) * s / std_s)
     d = udiff**2 + sdiff**2 + reg**2
     valid = jnp.arange(d.shape[0]) < n
-    return pairwise_sum(jnp.where(valid, d, 0.0), n) / jnp.maximum(n, 1)
+    return pairwise_sum_differentiable(jnp.where(valid, d, 0.0), n) / jnp.maximum(n, 1)
 
 
 def _m_step(state: EMState, st: Static, cfg: GradientConfig, lr: Array) -> Array:

@@ -41,6 +41,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from . import npmath as npm
+
 # Imported lazily (by :func:`jaxvelo.core.assign.adjust_increments` on the CPU backend):
 # numba is only needed there. Module-level functions so that numba's on-disk cache hits.
 
@@ -439,6 +441,19 @@ def _ffi_vector(list_addr, i, like):
 
 
 @nb.njit(cache=True, nogil=True)
+def _ffi_flat(list_addr, i, like):
+    """Buffer ``i`` of an args/rets list, any rank, as a flat array of ``like``'s type."""
+    bufs = nb.carray(_ptr(list_addr), (i + 1,), dtype=np.int64)
+    b = nb.carray(_ptr(bufs[i]), (6,), dtype=np.int64)
+    size = 1
+    if b[4] > 0:
+        dims = nb.carray(_ptr(b[5]), (b[4],), dtype=np.int64)
+        for d in dims:
+            size *= d
+    return nb.carray(_typed_ptr(b[3], like), (size,))
+
+
+@nb.njit(cache=True, nogil=True)
 def _ffi_run(frame, like):
     # operands tau, on (bool), tau_, off (bool); results tau_new, tau_new_ -- all
     # (genes, cells) with tau's dtype = like's. Returns NULL (success).
@@ -734,11 +749,209 @@ def _ffi_pairwise_f32(frame):
     return _pairwise_run(frame, np.float32(0))
 
 
+# --- numpy's float32 exp / log ------------------------------------------------------------
+# A line-by-line transcription of jaxvelo.core.npmath's XLA port of numpy's AVX512F kernels
+# (one SIMD lane of simd_exp_FLOAT / simd_log_FLOAT; see that module for the arithmetic
+# model): the same float32 operations, the same exact float32 FMA emulated in float64
+# (numba contracts nothing into FMAs without fastmath) and the same bit-level handling of
+# subnormals, so its results are the XLA port's and numpy's bit for bit (tests/test_npmath.py).
+
+
+def _bitcast(src, dst):
+    @intrinsic
+    def cast(typingctx, x):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(dst))
+
+        return dst(src), codegen
+
+    return cast
+
+
+_f64_as_i64 = _bitcast(types.float64, types.int64)
+_i64_as_f64 = _bitcast(types.int64, types.float64)
+_f32_as_i32 = _bitcast(types.float32, types.int32)
+_i32_as_f32 = _bitcast(types.int32, types.float32)
+
+
+@nb.njit(cache=True, nogil=True, error_model="numpy")
+def _fma32(a, b, c):
+    # npmath.fma32: p = a * b exact in float64; TwoSum(p, c); round to odd; to float32
+    p = np.float64(a) * np.float64(b)
+    c64 = np.float64(c)
+    s = p + c64
+    c_virtual = s - p
+    p_virtual = s - c_virtual
+    e = (p - p_virtual) + (c64 - c_virtual)
+    bits = _f64_as_i64(s)
+    if e != 0 and (bits & 1) == 0:
+        bits += 1 if (e > 0) == (s > 0) else -1
+    return np.float32(_i64_as_f64(bits))
+
+
+_X_EXP_P = tuple(np.float32(v) for v in npm._EXP_P)
+_X_EXP_Q = tuple(np.float32(v) for v in npm._EXP_Q)
+_X_LOG_P = tuple(np.float32(v) for v in npm._LOG_P)
+_X_LOG_Q = tuple(np.float32(v) for v in npm._LOG_Q)
+_X_C1, _X_C2 = npm._CODY_WAITE_LOGE_2_HIGH, npm._CODY_WAITE_LOGE_2_LOW
+_X_LOG2E, _X_LOGE2, _X_SQRT1_2 = npm._LOG2E, npm._LOGE2, npm._SQRT1_2
+_X_XMAX, _X_XMIN = npm._EXP_XMAX, npm._EXP_XMIN
+_X_NAN, _X_NEG_NAN = np.int64(npm._NAN_BITS), np.int64(npm._NEG_NAN_BITS)
+_X_INF, _X_NEG_INF = np.int64(npm._INF_BITS), np.int64(npm._NEG_INF_BITS)
+
+
+@nb.njit(cache=True, nogil=True, error_model="numpy")
+def _exp32_bits(xb):
+    # npmath._exp_kernel on one float32 bit pattern (int64 holding the int32 value)
+    nan_mask = (xb & 0x7FFFFFFF) > 0x7F800000
+    x = _i32_as_f32(np.int32(xb))
+    if nan_mask:
+        x = np.float32(0.0)
+    xmax_mask = x >= _X_XMAX
+    xmin_mask = x <= _X_XMIN
+    if nan_mask or xmin_mask or xmax_mask:
+        x = np.float32(0.0)
+    quadrant = np.rint(np.float32(x * _X_LOG2E))  # rounded product, then half-to-even
+    x = _fma32(quadrant, _X_C1, x)
+    x = _fma32(quadrant, _X_C2, x)
+    num = _fma32(_X_EXP_P[5], x, _X_EXP_P[4])
+    num = _fma32(num, x, _X_EXP_P[3])
+    num = _fma32(num, x, _X_EXP_P[2])
+    num = _fma32(num, x, _X_EXP_P[1])
+    num = _fma32(num, x, _X_EXP_P[0])
+    den = _fma32(_X_EXP_Q[2], x, _X_EXP_Q[1])
+    den = _fma32(den, x, _X_EXP_Q[0])
+    poly = np.float32(num / den)
+    # npmath._scalef_bits: round(poly * 2**quadrant) on the bits
+    pbits = np.int64(_f32_as_i32(poly))
+    q = np.int64(quadrant)
+    new_exp = (pbits >> 23) + q
+    if new_exp >= 1:
+        out = pbits + (q << 23)
+    else:
+        sig = (pbits & 0x007FFFFF) | 0x00800000
+        shift = min(max(1 - new_exp, 1), 30)
+        trunc = sig >> shift
+        rem = sig & ((1 << shift) - 1)
+        half = 1 << (shift - 1)
+        out = trunc + (1 if (rem > half) or (rem == half and (trunc & 1) == 1) else 0)
+    if nan_mask:
+        out = _X_NAN
+    if xmax_mask:
+        out = _X_INF
+    if xmin_mask:
+        out = 0
+    return out
+
+
+@nb.njit(cache=True, nogil=True, error_model="numpy")
+def _log32_bits(xb):
+    # npmath._log_kernel on one float32 bit pattern (int64 holding the int32 value)
+    absb = xb & 0x7FFFFFFF
+    nan_mask = absb > 0x7F800000
+    zero_mask = absb == 0
+    negx_mask = xb < 0 and not nan_mask and not zero_mask
+    inf_mask = xb == 0x7F800000
+    regular = not (nan_mask or zero_mask or negx_mask or inf_mask)
+    b = absb if regular else 0x3F800000
+    efield = b >> 23
+    mant = b & 0x007FFFFF
+    norm_shift = 0
+    if efield == 0:  # subnormal: leading 1 of the significand to bit 23
+        while (mant << norm_shift) & 0x00800000 == 0:
+            norm_shift += 1
+    sig = mant << norm_shift
+    exponent = np.float32(-125 - norm_shift if efield == 0 else efield - 126)
+    x = _i32_as_f32(np.int32((sig & 0x007FFFFF) | (126 << 23)))
+    if x <= _X_SQRT1_2:
+        x = np.float32(x + x)
+        exponent = np.float32(exponent - np.float32(1.0))
+    x = np.float32(x - np.float32(1.0))
+    num = _fma32(_X_LOG_P[5], x, _X_LOG_P[4])
+    num = _fma32(num, x, _X_LOG_P[3])
+    num = _fma32(num, x, _X_LOG_P[2])
+    num = _fma32(num, x, _X_LOG_P[1])
+    num = _fma32(num, x, _X_LOG_P[0])
+    den = _fma32(_X_LOG_Q[5], x, _X_LOG_Q[4])
+    den = _fma32(den, x, _X_LOG_Q[3])
+    den = _fma32(den, x, _X_LOG_Q[2])
+    den = _fma32(den, x, _X_LOG_Q[1])
+    den = _fma32(den, x, _X_LOG_Q[0])
+    out = np.int64(_f32_as_i32(_fma32(exponent, _X_LOGE2, np.float32(num / den))))
+    if nan_mask:
+        out = _X_NAN
+    if negx_mask:
+        out = _X_NEG_NAN
+    if zero_mask:
+        out = _X_NEG_INF
+    if inf_mask:
+        out = _X_INF
+    return out
+
+
+@nb.njit(cache=True, nogil=True, error_model="numpy")
+def _f64_to_f32_bits(v):
+    # npmath._f64_to_f32_bits: x.astype(float32) as bits, subnormal results by hand
+    a = abs(v)
+    if 0 < a < 2.0**-126:
+        sig = np.int64(np.rint(a * 2.0**149))
+        return sig | (-(1 << 31) if _f64_as_i64(v) < 0 else 0)
+    return np.int64(_f32_as_i32(np.float32(v)))
+
+
+@nb.njit(cache=True, nogil=True, error_model="numpy")
+def _f32_bits_to_f64(b):
+    # npmath._f32_bits_to_f64: subnormal patterns by hand
+    if (b & 0x7F800000) == 0:
+        mag = np.float64(b & 0x007FFFFF) * 2.0**-149
+        return -mag if b < 0 else mag
+    return np.float64(_i32_as_f32(np.int32(b)))
+
+
+@nb.njit(cache=True, nogil=True, error_model="numpy")
+def _exp_log32_from32(x, out, log):
+    # npmath._apply on float32: through the bits
+    xi = x.view(np.int32)
+    oi = out.view(np.int32)
+    for i in range(x.size):
+        b = np.int64(xi[i])
+        oi[i] = np.int32(_log32_bits(b) if log else _exp32_bits(b))
+
+
+@nb.njit(cache=True, nogil=True, error_model="numpy")
+def _exp_log32_from64(x, out, log):
+    # npmath._apply on float64: rounded to float32 (subnormals included), read back exactly
+    for i in range(x.size):
+        b = _f64_to_f32_bits(x[i])
+        out[i] = _f32_bits_to_f64(_log32_bits(b) if log else _exp32_bits(b))
+
+
+@nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
+def _ffi_exp_log_f64(frame):
+    run, f = _ffi_frame(frame)
+    if run:
+        log = _ffi_flat(f[9], 1, np.int32(0))[0] == 1
+        _exp_log32_from64(_ffi_flat(f[9], 0, np.float64(0)),
+                          _ffi_flat(f[14], 0, np.float64(0)), log)  # fmt: skip
+    return _ptr(0)
+
+
+@nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
+def _ffi_exp_log_f32(frame):
+    run, f = _ffi_frame(frame)
+    if run:
+        log = _ffi_flat(f[9], 1, np.int32(0))[0] == 1
+        _exp_log32_from32(_ffi_flat(f[9], 0, np.float32(0)),
+                          _ffi_flat(f[14], 0, np.float32(0)), log)  # fmt: skip
+    return _ptr(0)
+
+
 _CALLS = {np.dtype(np.float64): _ffi_f64, np.dtype(np.float32): _ffi_f32}
 _SORTS = {np.dtype(np.float64): _ffi_sort_f64, np.dtype(np.float32): _ffi_sort_f32}
 _NEARESTS = {np.dtype(np.float64): _ffi_nearest_f64, np.dtype(np.float32): _ffi_nearest_f32}
 _SMOOTHS = {np.dtype(np.float64): _ffi_smooth_f64, np.dtype(np.float32): _ffi_smooth_f32}
 _PAIRWISE = {np.dtype(np.float64): _ffi_pairwise_f64, np.dtype(np.float32): _ffi_pairwise_f32}
+_EXP_LOG = {np.dtype(np.float64): _ffi_exp_log_f64, np.dtype(np.float32): _ffi_exp_log_f32}
 
 
 def target_name(dtype) -> str:
@@ -791,8 +1004,16 @@ def register_pairwise(dtype) -> str:
     return _register(f"jaxvelo_pairwise_sum_{np.dtype(dtype).name}", _PAIRWISE[np.dtype(dtype)])
 
 
+@functools.cache
+def register_exp_log(dtype) -> str:
+    """Compile and register the custom call of numpy's float32 exp/log kernels
+    (:mod:`jaxvelo.core.npmath`) for ``dtype`` input."""
+    return _register(f"jaxvelo_exp_log32_{np.dtype(dtype).name}", _EXP_LOG[np.dtype(dtype)])
+
+
 def register_all() -> None:
     for dt in (np.float32, np.float64):
+        register_exp_log(dt)
         register_pairwise(dt)
         register(dt)
         register_sort(dt)

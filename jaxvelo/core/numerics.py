@@ -63,6 +63,7 @@ __all__ = [
     "np_var",
     "pairwise_sum",
     "pairwise_sum_at",
+    "pairwise_sum_differentiable",
     "bimodality_from_kde",
     "test_bimodality",
     "true_divide",
@@ -418,6 +419,12 @@ def pairwise_sum(x: jax.Array, n: jax.Array | int) -> jax.Array:
     return _pairwise_sum(x, _as_count(n), host)
 
 
+def pairwise_sum_differentiable(x: jax.Array, n: jax.Array | int) -> jax.Array:
+    """:func:`pairwise_sum` by the XLA version on every backend: JAX can differentiate it
+    (the gradient mode's loss); the custom call it cannot. Same bits."""
+    return _pairwise_sum(jnp.asarray(x), _as_count(n), False)
+
+
 def _pairwise_call(x: jax.Array, n: jax.Array, *idx: jax.Array) -> jax.Array:
     from . import host_kernels
 
@@ -457,8 +464,10 @@ def pairwise_sum_at(x: jax.Array, idx: jax.Array, n: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=2)  # traced once per shape: many sums per program
 def _pairwise_sum(x: jax.Array, n: jax.Array, host: bool) -> jax.Array:
-    if host:
-        return _pairwise_host(x, n)
+    return _pairwise_host(x, n) if host else _pairwise_xla(x, n)
+
+
+def _pairwise_xla(x: jax.Array, n: jax.Array) -> jax.Array:
     size = x.shape[0]
     n = jnp.clip(_as_count(n), 0, size)
     depth = _pw_max_depth(size)
