@@ -15,13 +15,15 @@ from jaxvelo.core.batch import MAX_BATCH, auto_batch_size, working_bytes
 @pytest.mark.parametrize(
     "genes, cells, workers, expected",
     [
-        (611, 3696, 2, 64),  # the pancreas: 10 batches of 64 (as before)
-        (200, 5780, 2, 56),  # 4 batches of 56, not 64 + 64 + 64 + 8 padded to 64
+        (611, 3696, 2, 16),  # the pancreas: 40 batches of 16 (cache-resident batches)
+        (559, 1500, 2, 16),  # its 1500-cell subset: 36 of 16
+        (200, 5780, 2, 15),  # 14 batches of 15, not 13 of 16 (odd) or 16 of 16 padded
         (20, 50_000, 2, 10),  # within the budget, the same number of batches per worker
-        (200, 9815, 2, 40),  # at most 400k genes x cells per batch: 6 batches of 40
-        (2000, 50_000, 2, 10),  # ... but 10 genes at least
+        (200, 9815, 2, 15),  # at most 24k genes x cells per batch, but 16 genes at least
+        (2000, 50_000, 2, 16),  # ... 16 genes at least
         (2000, 200_000, 2, 3),  # the memory budget decides: 2 x 3 x 200,000 cells fit 1 GiB
-        (1327, 100, 2, 64),
+        (1327, 100, 2, 64),  # few cells: wide batches (per-operation overhead)
+        (1000, 500, 2, 48),  # 24k / 500 cells
         (5, 100, 1, 5),
         (3, 3696, 2, 2),  # both workers get a batch
         (1, 10, 4, 1),

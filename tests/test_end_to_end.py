@@ -132,10 +132,10 @@ def test_pancreas_1500_concordance():
     assert c.velocity_pearson >= 0.999
     assert c.frac_within_1e6 >= FLOOR_WITHIN_1E6["pancreas1500"], c.summary()
     # the batch-size model (jaxvelo.core.batch.working_bytes) bounds the working memory of
-    # the real data's program (a 56-gene batch of 1500 cells: ~36 MB)
+    # the real data's program (a 16-gene batch of 1500 cells)
     from jaxvelo.core import batch
 
     fn = next(reversed(batch._MEMORY.values()))
     genes, cells = fn.args_info[0][0].u.shape
-    assert cells == 1500 and genes > 16
+    assert cells == 1500 and genes >= 16
     assert fn.memory_analysis().temp_size_in_bytes <= batch.working_bytes(genes, cells)

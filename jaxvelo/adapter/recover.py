@@ -205,7 +205,7 @@ def recover_dynamics(
     batch_size
         Genes per compiled batch. Default: chosen from the memory budget
         (``$JAXVELO_MEMORY_BUDGET``, default 1 GiB for the batches in flight) and balanced
-        over ``n_jobs``, at most 64 genes and 400k genes x cells (but 10 genes at least;
+        over ``n_jobs``, at most 64 genes and 24k genes x cells (but 16 genes at least;
         ``jaxvelo.core.batch.auto_batch_size``). The exact
         mode's results do not depend on it.
     method

@@ -61,12 +61,17 @@ def n_devices() -> int:
 
 
 MAX_BATCH = 64  # genes per batch at most: larger batches gain little on CPU
-# Genes x cells per batch beyond which wider batches measured slower (9815 cells: 6 batches
-# of 39-40 genes ~12% faster than 4 of 56, the working set outgrowing the caches), but not
-# below WORKING_SET_MIN_GENES genes (50,000 cells: batches of 10 ~30% faster than of 5, the
-# smoothing's gathered rows being too narrow); see docs/design.md.
-WORKING_SET_GENE_CELLS = 400_000
-WORKING_SET_MIN_GENES = 10
+# Genes x cells per batch beyond which wider batches measured slower, but not below
+# WORKING_SET_MIN_GENES genes. Since the CPU kernels (d66ee21), two batches in flight on two
+# cores run fastest when each batch's cell arrays stay small (cache-resident): warm calls,
+# medians of 3, 2 threads: 1500 cells 4.06 s with 56-gene batches, 3.82 (32), 3.49 (16);
+# 3696 cells 12.2 s (64), 11.4 (32), 11.2 (24), 11.1 (16); 9815 cells 9.4 s (40), 8.9 (24),
+# 8.65 (16). Below ~16 genes the per-operation overhead grows instead (100 cells: 0.79 s with
+# 64-gene batches, 0.83 with 32, 0.94 with 16), hence a floor rather than a smaller bound;
+# 50,000 cells: batches of 10 were ~30% faster than of 5 (the floor only caps from above
+# there: 20 genes still run as 2 batches of 10). See docs/design.md.
+WORKING_SET_GENE_CELLS = 24_000
+WORKING_SET_MIN_GENES = 16
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of working memory for the batches in flight
 # Working memory (XLA temporaries) of a batch: ``cells * (genes * BYTES_PER_GENE_CELL +
 # BYTES_PER_CELL)``, from the compiled programs' ``memory_analysis()`` (exact mode, bdfa457:
