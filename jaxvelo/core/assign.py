@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from .kinetics import linspace, solution, tau_inv
-from .numerics import cond_any, fma_barrier, np_percentile_masked, true_divide
+from .numerics import all_batched, cond_any, fma_barrier, np_percentile_masked, true_divide
 from .numerics import fma_barrier as fb
 from .numerics import round32 as r32
 
@@ -125,13 +125,6 @@ def _projection_grid_size(n_obs: int) -> int:
     return int(min(max(int(n_obs / 5), 200), 500))
 
 
-def _all_batched(axis_size: int, in_batched, args) -> list:
-    """A custom-call batching rule's operands with the unbatched ones broadcast along the
-    batch axis (the kernels take every operand per gene)."""
-    return [x if b else jnp.broadcast_to(x, (axis_size, *x.shape))
-            for x, b in zip(args, in_batched, strict=True)]  # fmt: skip
-
-
 def _nearest_call(u: Array, s: Array, gu: Array, gs: Array) -> Array:
     from . import host_kernels
 
@@ -146,7 +139,7 @@ def _nearest_host(u, s, gu, gs):
 
 @_nearest_host.def_vmap
 def _nearest_host_batched(axis_size, in_batched, u, s, gu, gs):
-    return _nearest_call(*_all_batched(axis_size, in_batched, (u, s, gu, gs))), True
+    return _nearest_call(*all_batched(axis_size, in_batched, (u, s, gu, gs))), True
 
 
 def _project(u: Array, s: Array, gu: Array, gs: Array, tpoints: Array) -> Array:
@@ -391,7 +384,7 @@ def _adjust_host(tau, on, tau_, off):
 
 @_adjust_host.def_vmap
 def _adjust_host_batched(axis_size, in_batched, tau, on, tau_, off):
-    args = _all_batched(axis_size, in_batched, (tau, on, tau_, off))
+    args = all_batched(axis_size, in_batched, (tau, on, tau_, off))
     return _adjust_call(*args), (True, True)
 
 

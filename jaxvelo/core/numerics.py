@@ -49,6 +49,7 @@ from jax import lax
 
 __all__ = [
     "where_lazy",
+    "all_batched",
     "cond_any",
     "PW_BLOCKSIZE",
     "compact",
@@ -440,11 +441,16 @@ def _pairwise_host(x: jax.Array, n: jax.Array, *idx: jax.Array) -> jax.Array:
     return _pairwise_call(rows[0], n.reshape(-1).astype(jnp.int32), *rows[1:]).reshape(n.shape)
 
 
+def all_batched(axis_size: int, in_batched, args) -> list:
+    """A custom-call batching rule's operands with the unbatched ones broadcast along the
+    batch axis (the kernels take every operand per gene)."""
+    return [x if b else jnp.broadcast_to(x, (axis_size, *x.shape))
+            for x, b in zip(args, in_batched, strict=True)]  # fmt: skip
+
+
 @_pairwise_host.def_vmap
 def _pairwise_host_batched(axis_size, in_batched, x, n, *idx):
-    args = [v if b else jnp.broadcast_to(v, (axis_size, *v.shape))
-            for v, b in zip((x, n, *idx), in_batched, strict=True)]  # fmt: skip
-    return _pairwise_host(*args), True
+    return _pairwise_host(*all_batched(axis_size, in_batched, (x, n, *idx))), True
 
 
 def pairwise_sum_at(x: jax.Array, idx: jax.Array, n: jax.Array) -> jax.Array:
