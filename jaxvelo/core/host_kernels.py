@@ -520,35 +520,87 @@ def _slp_vectorized():
 with _slp_vectorized():
 
     @nb.njit(cache=True, nogil=True)
-    def _smooth_rows(t, c0, w, rows, idx, val, out):
-        # scipy's csr_matvecs (sparsetools/csr.h) for one degree bucket and the columns
+    def _smooth_one(t, c0, w, rows, idx, val, out, r):
+        # scipy's csr_matvecs (sparsetools/csr.h) for row r of a degree bucket and the columns
         # c0..c0+w of ``out`` (rows x cells): y = 0; y += a * x over a row's entries in
         # storage order, in the upcast dtype of (float32 data, x) -- here t's dtype,
         # since val is float32. t holds those columns cells-first (cells x 16). The
         # first term is stored instead of added to 0 (the terms are never -0: see
         # assign._smooth_cells_first); padding adds 0 * t = +0 as there.
         K = idx.shape[1]
-        for r in range(rows.shape[0]):
-            a = val[r, 0]
-            x = t[idx[r, 0]]
-            # fmt: off
-            s0, s1, s2, s3 = a * x[0], a * x[1], a * x[2], a * x[3]
-            s4, s5, s6, s7 = a * x[4], a * x[5], a * x[6], a * x[7]
-            s8, s9, s10, s11 = a * x[8], a * x[9], a * x[10], a * x[11]
-            s12, s13, s14, s15 = a * x[12], a * x[13], a * x[14], a * x[15]
-            for k in range(1, K):
-                a = val[r, k]
-                x = t[idx[r, k]]
-                s0, s1, s2, s3 = s0 + a * x[0], s1 + a * x[1], s2 + a * x[2], s3 + a * x[3]
-                s4, s5, s6, s7 = s4 + a * x[4], s5 + a * x[5], s6 + a * x[6], s7 + a * x[7]
-                s8, s9, s10, s11 = s8 + a * x[8], s9 + a * x[9], s10 + a * x[10], s11 + a * x[11]
-                s12, s13 = s12 + a * x[12], s13 + a * x[13]
-                s14, s15 = s14 + a * x[14], s15 + a * x[15]
-            acc = (s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15)
-            # fmt: on
-            i = rows[r]
-            for b in range(w):
-                out[c0 + b, i] = acc[b]
+        a = val[r, 0]
+        x = t[idx[r, 0]]
+        # fmt: off
+        s0, s1, s2, s3 = a * x[0], a * x[1], a * x[2], a * x[3]
+        s4, s5, s6, s7 = a * x[4], a * x[5], a * x[6], a * x[7]
+        s8, s9, s10, s11 = a * x[8], a * x[9], a * x[10], a * x[11]
+        s12, s13, s14, s15 = a * x[12], a * x[13], a * x[14], a * x[15]
+        for k in range(1, K):
+            a = val[r, k]
+            x = t[idx[r, k]]
+            s0, s1, s2, s3 = s0 + a * x[0], s1 + a * x[1], s2 + a * x[2], s3 + a * x[3]
+            s4, s5, s6, s7 = s4 + a * x[4], s5 + a * x[5], s6 + a * x[6], s7 + a * x[7]
+            s8, s9, s10, s11 = s8 + a * x[8], s9 + a * x[9], s10 + a * x[10], s11 + a * x[11]
+            s12, s13 = s12 + a * x[12], s13 + a * x[13]
+            s14, s15 = s14 + a * x[14], s15 + a * x[15]
+        acc = (s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15)
+        # fmt: on
+        i = rows[r]
+        for b in range(w):
+            out[c0 + b, i] = acc[b]
+
+    @nb.njit(cache=True, nogil=True)
+    def _smooth_pair(t, c0, w, rows, idx, val, out, r):
+        # _smooth_one for rows r and r + 1 of a bucket together (same K): two independent
+        # chains of additions instead of one hide the adds' latency (~10% faster); each
+        # row's sum keeps its own order.
+        K = idx.shape[1]
+        a, b = val[r, 0], val[r + 1, 0]
+        x, y = t[idx[r, 0]], t[idx[r + 1, 0]]
+        # fmt: off
+        s0, s1, s2, s3 = a * x[0], a * x[1], a * x[2], a * x[3]
+        s4, s5, s6, s7 = a * x[4], a * x[5], a * x[6], a * x[7]
+        s8, s9, s10, s11 = a * x[8], a * x[9], a * x[10], a * x[11]
+        s12, s13, s14, s15 = a * x[12], a * x[13], a * x[14], a * x[15]
+        q0, q1, q2, q3 = b * y[0], b * y[1], b * y[2], b * y[3]
+        q4, q5, q6, q7 = b * y[4], b * y[5], b * y[6], b * y[7]
+        q8, q9, q10, q11 = b * y[8], b * y[9], b * y[10], b * y[11]
+        q12, q13, q14, q15 = b * y[12], b * y[13], b * y[14], b * y[15]
+        for k in range(1, K):
+            a, b = val[r, k], val[r + 1, k]
+            x, y = t[idx[r, k]], t[idx[r + 1, k]]
+            s0, s1 = s0 + a * x[0], s1 + a * x[1]
+            s2, s3 = s2 + a * x[2], s3 + a * x[3]
+            s4, s5 = s4 + a * x[4], s5 + a * x[5]
+            s6, s7 = s6 + a * x[6], s7 + a * x[7]
+            s8, s9 = s8 + a * x[8], s9 + a * x[9]
+            s10, s11 = s10 + a * x[10], s11 + a * x[11]
+            s12, s13 = s12 + a * x[12], s13 + a * x[13]
+            s14, s15 = s14 + a * x[14], s15 + a * x[15]
+            q0, q1 = q0 + b * y[0], q1 + b * y[1]
+            q2, q3 = q2 + b * y[2], q3 + b * y[3]
+            q4, q5 = q4 + b * y[4], q5 + b * y[5]
+            q6, q7 = q6 + b * y[6], q7 + b * y[7]
+            q8, q9 = q8 + b * y[8], q9 + b * y[9]
+            q10, q11 = q10 + b * y[10], q11 + b * y[11]
+            q12, q13 = q12 + b * y[12], q13 + b * y[13]
+            q14, q15 = q14 + b * y[14], q15 + b * y[15]
+        acc = (s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15)
+        acq = (q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11, q12, q13, q14, q15)
+        # fmt: on
+        i, j = rows[r], rows[r + 1]
+        for c in range(w):
+            out[c0 + c, i] = acc[c]
+            out[c0 + c, j] = acq[c]
+
+    @nb.njit(cache=True, nogil=True)
+    def _smooth_rows(t, c0, w, rows, idx, val, out):
+        # one degree bucket, its rows two at a time (_smooth_pair)
+        n = rows.shape[0]
+        for r in range(0, n - 1, 2):
+            _smooth_pair(t, c0, w, rows, idx, val, out, r)
+        if n % 2:
+            _smooth_one(t, c0, w, rows, idx, val, out, n - 1)
 
     @nb.njit(cache=True, nogil=True)
     def _smooth_run(frame, like):
@@ -584,58 +636,131 @@ with _slp_vectorized():
 # --- projection: the nearest grid point of each cell -----------------------------------
 
 _NEAREST_BLOCK = 256  # cells per pass over the grid (their running minima stay in L1)
+_NEAREST_LANES = 8  # cells whose running minima stay in registers (see _nearest8)
 
 
 @nb.njit(cache=True, nogil=True)
-def _nearest(u, s, gu, gs, arg):
-    # assign._project per gene (row): the first grid point j minimising
-    # (gu[j] - u)**2 + (gs[j] - s)**2 (each square rounded, then the sum) by a running
-    # strict minimum from j = 0, in the arrays' dtype; the loop over cells vectorises.
-    n = u.shape[1]
+def _nearest_rows(u, s, gu, gs, arg, g, c0, c1):
+    # The cells c0..c1 of gene g: one pass over the grid per block of _NEAREST_BLOCK cells,
+    # the running minima in an L1-resident array (the loop over cells vectorises).
     m = gu.shape[1]
     best = np.empty(_NEAREST_BLOCK, u.dtype)
     at = np.empty(_NEAREST_BLOCK, np.int32)
-    for g in range(u.shape[0]):
-        for c0 in range(0, n, _NEAREST_BLOCK):
-            w = min(n - c0, _NEAREST_BLOCK)
-            uu = u[g, c0 : c0 + w]
-            ss = s[g, c0 : c0 + w]
-            a, b = gu[g, 0], gs[g, 0]
+    for b0 in range(c0, c1, _NEAREST_BLOCK):
+        w = min(c1 - b0, _NEAREST_BLOCK)
+        uu = u[g, b0 : b0 + w]
+        ss = s[g, b0 : b0 + w]
+        a, b = gu[g, 0], gs[g, 0]
+        for i in range(w):
+            du, ds = a - uu[i], b - ss[i]
+            best[i] = du * du + ds * ds
+            at[i] = 0
+        for j in range(1, m):
+            a, b = gu[g, j], gs[g, j]
             for i in range(w):
                 du, ds = a - uu[i], b - ss[i]
-                best[i] = du * du + ds * ds
-                at[i] = 0
-            for j in range(1, m):
-                a, b = gu[g, j], gs[g, j]
-                for i in range(w):
-                    du, ds = a - uu[i], b - ss[i]
-                    d = du * du + ds * ds
-                    better = d < best[i]
-                    best[i] = d if better else best[i]
-                    at[i] = np.int32(j) if better else at[i]
-            arg[g, c0 : c0 + w] = at[:w]
+                d = du * du + ds * ds
+                better = d < best[i]
+                best[i] = d if better else best[i]
+                at[i] = np.int32(j) if better else at[i]
+        arg[g, b0 : b0 + w] = at[:w]
 
 
-@nb.njit(cache=True, nogil=True)
-def _nearest_run(frame, like):
-    # operands u, s (genes, cells) and gu, gs (genes, grid) of like's dtype; result the
-    # grid index (genes, cells) int32
-    run, f = _ffi_frame(frame)
-    if run:
-        _nearest(_ffi_array(f[9], 0, like), _ffi_array(f[9], 1, like),
-                 _ffi_array(f[9], 2, like), _ffi_array(f[9], 3, like),
-                 _ffi_array(f[14], 0, np.int32(0)))  # fmt: skip
-    return _ptr(0)
+with _slp_vectorized():
 
+    @nb.njit(cache=True, nogil=True)
+    def _nearest8(u, s, gu, gs, arg, g, c0):
+        # _nearest_rows for the 8 cells c0..c0+7 with their minima and indices in
+        # registers (SLP packs the 8 lanes): no loads or stores per grid point but the
+        # grid's own, ~1.45x faster than the array version (same operations per pair).
+        m = gu.shape[1]
+        a, b = gu[g, 0], gs[g, 0]
+        # fmt: off
+        u0, u1, u2, u3 = u[g, c0], u[g, c0 + 1], u[g, c0 + 2], u[g, c0 + 3]
+        u4, u5, u6, u7 = u[g, c0 + 4], u[g, c0 + 5], u[g, c0 + 6], u[g, c0 + 7]
+        s0, s1, s2, s3 = s[g, c0], s[g, c0 + 1], s[g, c0 + 2], s[g, c0 + 3]
+        s4, s5, s6, s7 = s[g, c0 + 4], s[g, c0 + 5], s[g, c0 + 6], s[g, c0 + 7]
+        d0 = (a - u0) * (a - u0) + (b - s0) * (b - s0)
+        d1 = (a - u1) * (a - u1) + (b - s1) * (b - s1)
+        d2 = (a - u2) * (a - u2) + (b - s2) * (b - s2)
+        d3 = (a - u3) * (a - u3) + (b - s3) * (b - s3)
+        d4 = (a - u4) * (a - u4) + (b - s4) * (b - s4)
+        d5 = (a - u5) * (a - u5) + (b - s5) * (b - s5)
+        d6 = (a - u6) * (a - u6) + (b - s6) * (b - s6)
+        d7 = (a - u7) * (a - u7) + (b - s7) * (b - s7)
+        z = np.int32(0)
+        k0, k1, k2, k3, k4, k5, k6, k7 = z, z, z, z, z, z, z, z
+        for j in range(1, m):
+            a, b = gu[g, j], gs[g, j]
+            jj = np.int32(j)
+            e = (a - u0) * (a - u0) + (b - s0) * (b - s0)
+            t = e < d0
+            d0 = e if t else d0
+            k0 = jj if t else k0
+            e = (a - u1) * (a - u1) + (b - s1) * (b - s1)
+            t = e < d1
+            d1 = e if t else d1
+            k1 = jj if t else k1
+            e = (a - u2) * (a - u2) + (b - s2) * (b - s2)
+            t = e < d2
+            d2 = e if t else d2
+            k2 = jj if t else k2
+            e = (a - u3) * (a - u3) + (b - s3) * (b - s3)
+            t = e < d3
+            d3 = e if t else d3
+            k3 = jj if t else k3
+            e = (a - u4) * (a - u4) + (b - s4) * (b - s4)
+            t = e < d4
+            d4 = e if t else d4
+            k4 = jj if t else k4
+            e = (a - u5) * (a - u5) + (b - s5) * (b - s5)
+            t = e < d5
+            d5 = e if t else d5
+            k5 = jj if t else k5
+            e = (a - u6) * (a - u6) + (b - s6) * (b - s6)
+            t = e < d6
+            d6 = e if t else d6
+            k6 = jj if t else k6
+            e = (a - u7) * (a - u7) + (b - s7) * (b - s7)
+            t = e < d7
+            d7 = e if t else d7
+            k7 = jj if t else k7
+        arg[g, c0], arg[g, c0 + 1], arg[g, c0 + 2], arg[g, c0 + 3] = k0, k1, k2, k3
+        arg[g, c0 + 4], arg[g, c0 + 5], arg[g, c0 + 6], arg[g, c0 + 7] = k4, k5, k6, k7
+        # fmt: on
 
-@nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
-def _ffi_nearest_f64(frame):
-    return _nearest_run(frame, np.float64(0))
+    @nb.njit(cache=True, nogil=True)
+    def _nearest(u, s, gu, gs, arg):
+        # assign._project per gene (row): the first grid point j minimising
+        # (gu[j] - u)**2 + (gs[j] - s)**2 (each square rounded, then the sum) by a running
+        # strict minimum from j = 0, in the arrays' dtype. Eight cells at a time in
+        # registers; the last n % 8 cells by the array version.
+        n = u.shape[1]
+        full = n - n % _NEAREST_LANES
+        for g in range(u.shape[0]):
+            for c0 in range(0, full, _NEAREST_LANES):
+                _nearest8(u, s, gu, gs, arg, g, c0)
+            if full < n:
+                _nearest_rows(u, s, gu, gs, arg, g, full, n)
 
+    @nb.njit(cache=True, nogil=True)
+    def _nearest_run(frame, like):
+        # operands u, s (genes, cells) and gu, gs (genes, grid) of like's dtype; result the
+        # grid index (genes, cells) int32
+        run, f = _ffi_frame(frame)
+        if run:
+            _nearest(_ffi_array(f[9], 0, like), _ffi_array(f[9], 1, like),
+                     _ffi_array(f[9], 2, like), _ffi_array(f[9], 3, like),
+                     _ffi_array(f[14], 0, np.int32(0)))  # fmt: skip
+        return _ptr(0)
 
-@nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
-def _ffi_nearest_f32(frame):
-    return _nearest_run(frame, np.float32(0))
+    @nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
+    def _ffi_nearest_f64(frame):
+        return _nearest_run(frame, np.float64(0))
+
+    @nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
+    def _ffi_nearest_f32(frame):
+        return _nearest_run(frame, np.float32(0))
 
 
 # --- numpy's pairwise summation ---------------------------------------------------------
