@@ -110,9 +110,10 @@ def test_projection_grid_size():
 @given(seed=st.integers(0, 10_000), genes=st.integers(1, 5), n=st.integers(1, 700),
        m=st.integers(1, 60), f32=st.booleans(), ties=st.booleans())  # fmt: skip
 def test_projection_host_kernel_matches_xla_and_numpy(seed, genes, n, m, f32, ties):
-    """The CPU custom call of the projection's nearest grid point (blocks of 256 cells)
-    gives the XLA loop's and numpy's first minimum (``argmin`` of upstream's
-    ``((xt[None] - x_obs[:, None]) ** 2).sum(2)``), batched and unbatched."""
+    """The CPU custom call of the projection's nearest grid point (8 cells at a time in
+    registers, the remainder in blocks of 256) gives the XLA loop's and numpy's first
+    minimum (``argmin`` of upstream's ``((xt[None] - x_obs[:, None]) ** 2).sum(2)``),
+    batched and unbatched."""
     rng = np.random.default_rng(seed)
     dtype = np.float32 if f32 else np.float64
     u, s = (rng.random((2, genes, n)) * 2).astype(dtype)
@@ -336,8 +337,9 @@ def test_smooth_buckets_vmap_match_scipy(max_buckets):
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 400), cols=st.integers(1, 40),
        f32=st.booleans(), max_buckets=st.integers(1, 6))  # fmt: skip
 def test_smooth_host_kernel_matches_scipy_and_xla(seed, n, cols, f32, max_buckets):
-    """The CPU custom call (16-column blocks, any remainder) and the XLA loop give scipy's
-    ``conn.dot(x.T).T`` bitwise, in float32 (float32 x) and float64."""
+    """The CPU custom call (16-column blocks, any remainder; a bucket's rows in pairs, an
+    odd last row alone) and the XLA loop give scipy's ``conn.dot(x.T).T`` bitwise, in
+    float32 (float32 x) and float64."""
     import numba
 
     conn = _ragged_conn(n, seed)

@@ -145,9 +145,10 @@ def _nearest_host_batched(axis_size, in_batched, u, s, gu, gs):
 def _project(u: Array, s: Array, gu: Array, gs: Array, tpoints: Array) -> Array:
     """``tpoints[((xt[None] - x_obs[:, None]) ** 2).sum(2).argmin(1)]`` without the
     (cells x grid x 2) temporary: a running first-minimum over grid points. On CPU the
-    numba custom call of :mod:`.host_kernels` (one pass over the grid per block of 256
-    cells; XLA splits the loop body into two fusions that each recompute the distances,
-    ~3.5x slower); elsewhere the XLA loop. Both give the same indices."""
+    numba custom call of :mod:`.host_kernels` (one pass over the grid per 8 cells, their
+    running minima in registers; XLA splits the loop body into two fusions that each
+    recompute the distances, ~3.5x slower); elsewhere the XLA loop. Both give the same
+    indices."""
     dt = {x.dtype for x in (u, s, gu, gs)}
     if use_host_kernels() and len(dt) == 1 and u.dtype in (jnp.float32, jnp.float64):
         return tpoints[_nearest_host(u, s, gu, gs)]
