@@ -111,9 +111,9 @@ def test_projection_grid_size():
        m=st.integers(1, 60), f32=st.booleans(), ties=st.booleans())  # fmt: skip
 def test_projection_host_kernel_matches_xla_and_numpy(seed, genes, n, m, f32, ties):
     """The CPU custom call of the projection's nearest grid point (8 cells at a time in
-    registers, the remainder in blocks of 256) gives the XLA loop's and numpy's first
-    minimum (``argmin`` of upstream's ``((xt[None] - x_obs[:, None]) ** 2).sum(2)``),
-    batched and unbatched."""
+    registers, the last n % 8 through a padded 8-cell scratch) gives the XLA loop's and
+    numpy's first minimum (``argmin`` of upstream's
+    ``((xt[None] - x_obs[:, None]) ** 2).sum(2)``), batched and unbatched."""
     rng = np.random.default_rng(seed)
     dtype = np.float32 if f32 else np.float64
     u, s = (rng.random((2, genes, n)) * 2).astype(dtype)
@@ -338,7 +338,7 @@ def test_smooth_buckets_vmap_match_scipy(max_buckets):
        f32=st.booleans(), max_buckets=st.integers(1, 6))  # fmt: skip
 def test_smooth_host_kernel_matches_scipy_and_xla(seed, n, cols, f32, max_buckets):
     """The CPU custom call (16-column blocks, any remainder; a bucket's rows in pairs, an
-    odd last row alone) and the XLA loop give scipy's ``conn.dot(x.T).T`` bitwise, in
+    odd last row paired with itself) and the XLA loop give scipy's ``conn.dot(x.T).T`` bitwise, in
     float32 (float32 x) and float64."""
     import numba
 

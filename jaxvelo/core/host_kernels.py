@@ -520,43 +520,18 @@ def _slp_vectorized():
 with _slp_vectorized():
 
     @nb.njit(cache=True, nogil=True)
-    def _smooth_one(t, c0, w, rows, idx, val, out, r):
-        # scipy's csr_matvecs (sparsetools/csr.h) for row r of a degree bucket and the columns
-        # c0..c0+w of ``out`` (rows x cells): y = 0; y += a * x over a row's entries in
-        # storage order, in the upcast dtype of (float32 data, x) -- here t's dtype,
-        # since val is float32. t holds those columns cells-first (cells x 16). The
+    def _smooth_pair(t, c0, w, rows, idx, val, out, r, r2):
+        # scipy's csr_matvecs (sparsetools/csr.h) for rows r and r2 of a degree bucket and
+        # the columns c0..c0+w of ``out`` (rows x cells): y = 0; y += a * x over a row's
+        # entries in storage order, in the upcast dtype of (float32 data, x) -- here t's
+        # dtype, since val is float32. t holds those columns cells-first (cells x 16). The
         # first term is stored instead of added to 0 (the terms are never -0: see
-        # assign._smooth_cells_first); padding adds 0 * t = +0 as there.
+        # assign._smooth_cells_first); padding adds 0 * t = +0 as there. Two rows (same K)
+        # give two independent chains of additions, which hide the adds' latency (~10%
+        # faster than one row at a time); each row's sum keeps its own order.
         K = idx.shape[1]
-        a = val[r, 0]
-        x = t[idx[r, 0]]
-        # fmt: off
-        s0, s1, s2, s3 = a * x[0], a * x[1], a * x[2], a * x[3]
-        s4, s5, s6, s7 = a * x[4], a * x[5], a * x[6], a * x[7]
-        s8, s9, s10, s11 = a * x[8], a * x[9], a * x[10], a * x[11]
-        s12, s13, s14, s15 = a * x[12], a * x[13], a * x[14], a * x[15]
-        for k in range(1, K):
-            a = val[r, k]
-            x = t[idx[r, k]]
-            s0, s1, s2, s3 = s0 + a * x[0], s1 + a * x[1], s2 + a * x[2], s3 + a * x[3]
-            s4, s5, s6, s7 = s4 + a * x[4], s5 + a * x[5], s6 + a * x[6], s7 + a * x[7]
-            s8, s9, s10, s11 = s8 + a * x[8], s9 + a * x[9], s10 + a * x[10], s11 + a * x[11]
-            s12, s13 = s12 + a * x[12], s13 + a * x[13]
-            s14, s15 = s14 + a * x[14], s15 + a * x[15]
-        acc = (s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15)
-        # fmt: on
-        i = rows[r]
-        for b in range(w):
-            out[c0 + b, i] = acc[b]
-
-    @nb.njit(cache=True, nogil=True)
-    def _smooth_pair(t, c0, w, rows, idx, val, out, r):
-        # _smooth_one for rows r and r + 1 of a bucket together (same K): two independent
-        # chains of additions instead of one hide the adds' latency (~10% faster); each
-        # row's sum keeps its own order.
-        K = idx.shape[1]
-        a, b = val[r, 0], val[r + 1, 0]
-        x, y = t[idx[r, 0]], t[idx[r + 1, 0]]
+        a, b = val[r, 0], val[r2, 0]
+        x, y = t[idx[r, 0]], t[idx[r2, 0]]
         # fmt: off
         s0, s1, s2, s3 = a * x[0], a * x[1], a * x[2], a * x[3]
         s4, s5, s6, s7 = a * x[4], a * x[5], a * x[6], a * x[7]
@@ -567,8 +542,8 @@ with _slp_vectorized():
         q8, q9, q10, q11 = b * y[8], b * y[9], b * y[10], b * y[11]
         q12, q13, q14, q15 = b * y[12], b * y[13], b * y[14], b * y[15]
         for k in range(1, K):
-            a, b = val[r, k], val[r + 1, k]
-            x, y = t[idx[r, k]], t[idx[r + 1, k]]
+            a, b = val[r, k], val[r2, k]
+            x, y = t[idx[r, k]], t[idx[r2, k]]
             s0, s1 = s0 + a * x[0], s1 + a * x[1]
             s2, s3 = s2 + a * x[2], s3 + a * x[3]
             s4, s5 = s4 + a * x[4], s5 + a * x[5]
@@ -588,19 +563,17 @@ with _slp_vectorized():
         acc = (s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15)
         acq = (q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11, q12, q13, q14, q15)
         # fmt: on
-        i, j = rows[r], rows[r + 1]
+        i, j = rows[r], rows[r2]
         for c in range(w):
             out[c0 + c, i] = acc[c]
             out[c0 + c, j] = acq[c]
 
     @nb.njit(cache=True, nogil=True)
     def _smooth_rows(t, c0, w, rows, idx, val, out):
-        # one degree bucket, its rows two at a time (_smooth_pair)
+        # one degree bucket, its rows two at a time (an odd last row paired with itself)
         n = rows.shape[0]
-        for r in range(0, n - 1, 2):
-            _smooth_pair(t, c0, w, rows, idx, val, out, r)
-        if n % 2:
-            _smooth_one(t, c0, w, rows, idx, val, out, n - 1)
+        for r in range(0, n, 2):
+            _smooth_pair(t, c0, w, rows, idx, val, out, r, min(r + 1, n - 1))
 
     @nb.njit(cache=True, nogil=True)
     def _smooth_run(frame, like):
@@ -635,44 +608,18 @@ with _slp_vectorized():
 
 # --- projection: the nearest grid point of each cell -----------------------------------
 
-_NEAREST_BLOCK = 256  # cells per pass over the grid (their running minima stay in L1)
 _NEAREST_LANES = 8  # cells whose running minima stay in registers (see _nearest8)
-
-
-@nb.njit(cache=True, nogil=True)
-def _nearest_rows(u, s, gu, gs, arg, g, c0, c1):
-    # The cells c0..c1 of gene g: one pass over the grid per block of _NEAREST_BLOCK cells,
-    # the running minima in an L1-resident array (the loop over cells vectorises).
-    m = gu.shape[1]
-    best = np.empty(_NEAREST_BLOCK, u.dtype)
-    at = np.empty(_NEAREST_BLOCK, np.int32)
-    for b0 in range(c0, c1, _NEAREST_BLOCK):
-        w = min(c1 - b0, _NEAREST_BLOCK)
-        uu = u[g, b0 : b0 + w]
-        ss = s[g, b0 : b0 + w]
-        a, b = gu[g, 0], gs[g, 0]
-        for i in range(w):
-            du, ds = a - uu[i], b - ss[i]
-            best[i] = du * du + ds * ds
-            at[i] = 0
-        for j in range(1, m):
-            a, b = gu[g, j], gs[g, j]
-            for i in range(w):
-                du, ds = a - uu[i], b - ss[i]
-                d = du * du + ds * ds
-                better = d < best[i]
-                best[i] = d if better else best[i]
-                at[i] = np.int32(j) if better else at[i]
-        arg[g, b0 : b0 + w] = at[:w]
 
 
 with _slp_vectorized():
 
     @nb.njit(cache=True, nogil=True)
     def _nearest8(u, s, gu, gs, arg, g, c0):
-        # _nearest_rows for the 8 cells c0..c0+7 with their minima and indices in
-        # registers (SLP packs the 8 lanes): no loads or stores per grid point but the
-        # grid's own, ~1.45x faster than the array version (same operations per pair).
+        # assign._project for the cells c0..c0+7 of gene g: the first grid point j
+        # minimising (gu[j] - u)**2 + (gs[j] - s)**2 (each square rounded, then the sum)
+        # by a running strict minimum from j = 0, in the arrays' dtype. The 8 minima and
+        # indices stay in registers (SLP packs the lanes): no loads or stores per grid
+        # point but the grid's own, ~1.45x faster than keeping them in an L1 array.
         m = gu.shape[1]
         a, b = gu[g, 0], gs[g, 0]
         # fmt: off
@@ -731,17 +678,23 @@ with _slp_vectorized():
 
     @nb.njit(cache=True, nogil=True)
     def _nearest(u, s, gu, gs, arg):
-        # assign._project per gene (row): the first grid point j minimising
-        # (gu[j] - u)**2 + (gs[j] - s)**2 (each square rounded, then the sum) by a running
-        # strict minimum from j = 0, in the arrays' dtype. Eight cells at a time in
-        # registers; the last n % 8 cells by the array version.
+        # _nearest8 over each gene's (row's) cells; the last n % 8 cells through an
+        # 8-cell scratch padded with copies of the first of them
         n = u.shape[1]
         full = n - n % _NEAREST_LANES
+        uu = np.empty((1, _NEAREST_LANES), u.dtype)
+        ss = np.empty((1, _NEAREST_LANES), s.dtype)
+        at = np.empty((1, _NEAREST_LANES), np.int32)
         for g in range(u.shape[0]):
             for c0 in range(0, full, _NEAREST_LANES):
                 _nearest8(u, s, gu, gs, arg, g, c0)
             if full < n:
-                _nearest_rows(u, s, gu, gs, arg, g, full, n)
+                uu[0, :] = u[g, full]
+                ss[0, :] = s[g, full]
+                uu[0, : n - full] = u[g, full:]
+                ss[0, : n - full] = s[g, full:]
+                _nearest8(uu, ss, gu[g : g + 1], gs[g : g + 1], at, 0, 0)
+                arg[g, full:] = at[0, : n - full]
 
     @nb.njit(cache=True, nogil=True)
     def _nearest_run(frame, like):
