@@ -334,17 +334,19 @@ def test_smooth_buckets_vmap_match_scipy(max_buckets):
 
 
 @settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 10_000), n=st.integers(1, 400), cols=st.integers(1, 40),
-       f32=st.booleans(), max_buckets=st.integers(1, 6))  # fmt: skip
-def test_smooth_host_kernel_matches_scipy_and_xla(seed, n, cols, f32, max_buckets):
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 400), genes=st.integers(1, 13),
+       parts=st.integers(1, 4), f32=st.booleans(), max_buckets=st.integers(1, 6))  # fmt: skip
+def test_smooth_host_kernel_matches_scipy_and_xla(seed, n, genes, parts, f32, max_buckets):
     """The CPU custom call (16-column blocks, any remainder; a bucket's rows in pairs, an
-    odd last row paired with itself) and the XLA loop give scipy's ``conn.dot(x.T).T`` bitwise, in
+    odd last row paired with itself; the rows read from ``parts`` separate operands,
+    interleaved gene-major) and the XLA loop give scipy's ``conn.dot(x.T).T`` bitwise, in
     float32 (float32 x) and float64."""
     import numba
 
     conn = _ragged_conn(n, seed)
     nb = neighbors_from_csr(conn.indptr, conn.indices, conn.data, max_buckets=max_buckets)
     rng = np.random.default_rng(seed + 1)
+    cols = genes * parts
     x = rng.random((cols, n)) ** 3 * rng.integers(0, 2, (cols, n))  # zeros too
     x = x.astype(np.float32 if f32 else np.float64)
     expected = conn.dot(x.T).T
@@ -352,7 +354,8 @@ def test_smooth_host_kernel_matches_scipy_and_xla(seed, n, cols, f32, max_bucket
     with jax.enable_x64(True):
         nbj = jax.tree_util.tree_map(jnp.asarray, nb)
         assert "jaxvelo_smooth" in jax.jit(assign.smooth).lower(nbj, jnp.asarray(x)).as_text()
-        host = jax.jit(assign._smooth_host)(nbj, jnp.asarray(x))
+        # row g * parts + k of x is row g of part k
+        host = jax.jit(assign._smooth_host)(nbj, [jnp.asarray(x[k::parts]) for k in range(parts)])
         xla = jax.jit(lambda v: assign._smooth_cells_first(nbj, v.T).T)(jnp.asarray(x))
     assert host.dtype == x.dtype
     np.testing.assert_array_equal(np.asarray(host), expected)

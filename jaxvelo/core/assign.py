@@ -68,56 +68,70 @@ def _smooth_cells_first(nbrs: Neighbors, x: Array) -> Array:
     return jnp.concatenate(outs)[nbrs.inv]
 
 
-def _smooth_host(nbrs: Neighbors, x: Array) -> Array:
-    """``connectivities.dot(x.T).T`` for ``x`` of shape (C, n_obs) as the numba custom
-    call of :mod:`.host_kernels` (CPU): per block of 16 rows of ``x``, a cells-first copy
-    and scipy's row loop over the same padded neighbour lists, with the 16 sums in vector
-    registers -- no transposes or bucket-order gathers in the program, ~3-4x faster than
-    :func:`_smooth_cells_first` on XLA:CPU. Bitwise the same values."""
+def _smooth_host(nbrs: Neighbors, parts: list[Array]) -> Array:
+    """``connectivities.dot(x.T).T`` for ``x`` the rows of ``parts`` (R arrays of shape
+    (G, n_obs)) interleaved gene-major -- row ``g * R + k`` is row ``g`` of part ``k`` --
+    as the numba custom call of :mod:`.host_kernels` (CPU): per block of 16 rows, a
+    cells-first copy and scipy's row loop over the same padded neighbour lists, with the
+    16 sums in vector registers -- no transposes or bucket-order gathers in the program,
+    ~3-4x faster than :func:`_smooth_cells_first` on XLA:CPU. Bitwise the same values.
+
+    The parts are separate operands (read by the kernel where they lie), so the program
+    never stacks them: XLA:CPU computed the stacked, transposed rows in a scalar loop."""
     from . import host_kernels
 
-    name = host_kernels.register_smooth(x.dtype)
+    g, n = parts[0].shape
+    name = host_kernels.register_smooth(parts[0].dtype)
     ops = []
     for rows, idx, val in zip(nbrs.rows, nbrs.idx, nbrs.val, strict=True):
         ops += [rows.astype(jnp.int32), idx.astype(jnp.int32), val]
-    return jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(x.shape, x.dtype))(x, *ops)
+    out = jax.ShapeDtypeStruct((g * len(parts), n), parts[0].dtype)
+    return jax.ffi.ffi_call(name, out)(*parts, *ops)
 
 
-def _smooth_rows_first(nbrs: Neighbors, x: Array) -> Array:
-    """``connectivities.dot(x.T).T`` for ``x`` of shape (C, n_obs): the host kernel where
-    it applies (CPU, float32 connectivities, float x), else the XLA loop cells-first."""
-    if (use_host_kernels() and x.dtype in (jnp.float32, jnp.float64)
+def _smooth_parts(nbrs: Neighbors, parts: list[Array]) -> Array:
+    """``connectivities.dot(x.T).T`` for the gene-major interleaving ``x`` of ``parts``
+    (see :func:`_smooth_host`), shape (G * R, n_obs): the host kernel where it applies
+    (CPU, float32 connectivities, float rows), else the XLA loop cells-first."""
+    dtype = parts[0].dtype
+    if (use_host_kernels() and dtype in (jnp.float32, jnp.float64)
+            and all(p.dtype == dtype for p in parts)
             and all(v.dtype == jnp.float32 for v in nbrs.val)):  # fmt: skip
-        return _smooth_host(nbrs, x)
+        return _smooth_host(nbrs, parts)
+    g, n = parts[0].shape
+    x = jnp.stack(parts, axis=1).reshape(g * len(parts), n)
     return _smooth_cells_first(nbrs, x.T).T
 
 
 @jax.custom_batching.custom_vmap
-def _smooth(nbrs: Neighbors, res: Array) -> Array:
-    return _smooth_rows_first(nbrs, res)
+def _smooth(nbrs: Neighbors, rows: tuple[Array, ...]) -> Array:
+    return _smooth_parts(nbrs, [r[None] for r in rows])
 
 
 @_smooth.def_vmap
-def _smooth_batched(axis_size, in_batched, nbrs, res):
-    nb_batched, res_batched = in_batched
+def _smooth_batched(axis_size, in_batched, nbrs, rows):
+    nb_batched, rows_batched = in_batched
     if any(jax.tree_util.tree_leaves(nb_batched)):
         axes = (jax.tree_util.tree_map(lambda b: 0 if b else None, nb_batched),
-                0 if res_batched else None)  # fmt: skip
-        return jax.vmap(_smooth.fun, in_axes=axes)(nbrs, res), True
-    if not res_batched:
-        return _smooth(nbrs, res), False
-    # all genes and rows in one pass: (genes, rows, cells) -> (genes * rows, cells)
-    g, r, n = res.shape
-    return _smooth_rows_first(nbrs, res.reshape(g * r, n)).reshape(g, r, n), True
+                tuple(0 if b else None for b in rows_batched))  # fmt: skip
+        return jax.vmap(_smooth.fun, in_axes=axes)(nbrs, rows), True
+    if not any(rows_batched):
+        return _smooth(nbrs, rows), False
+    # all genes and rows in one pass: R parts (genes, cells) -> (genes, R, cells)
+    parts = [r if b else jnp.broadcast_to(r, (axis_size, *r.shape))
+             for r, b in zip(rows, rows_batched, strict=True)]  # fmt: skip
+    g, n = parts[0].shape
+    return _smooth_parts(nbrs, parts).reshape(g, len(parts), n), True
 
 
-def smooth(nbrs: Neighbors | None, res: Array) -> Array:
-    """``connectivities.dot(res.T).T`` for ``res`` of shape (rows, n_obs), bitwise as
-    scipy. Under ``vmap`` over genes, all genes and rows are smoothed in one pass over
-    the neighbour lists (see :func:`_smooth_cells_first`)."""
+def smooth(nbrs: Neighbors | None, res: Array | list[Array] | tuple[Array, ...]) -> Array:
+    """``connectivities.dot(res.T).T`` for ``res`` of shape (rows, n_obs) -- or a list of
+    rows, which is never stacked in the program -- bitwise as scipy. Under ``vmap`` over
+    genes, all genes and rows are smoothed in one pass over the neighbour lists (see
+    :func:`_smooth_cells_first`)."""
     if nbrs is None:
-        return res
-    return _smooth(nbrs, res)
+        return jnp.stack(res) if isinstance(res, list | tuple) else res
+    return _smooth(nbrs, tuple(res))
 
 
 def _projection_grid_size(n_obs: int) -> int:
@@ -460,7 +474,7 @@ def assign_timepoints(
     distu, distu_ = true_divide(u - ut, std_u), true_divide(u - ut_, std_u)
     dists, dists_ = true_divide(s - st, std_s), true_divide(s - st_, std_s)
     rows2 = [fb(distu_**2) + fb(dists_**2), fb(distu**2) + fb(dists**2)]
-    res = smooth(nbrs, jnp.stack(rows2))
+    res = smooth(nbrs, rows2)
     on = res[1] < res[0]  # np.argmin over 2 rows: ties go to row 0 ('off')
     tau, tau_ = adjust_increments(tau, on, tau_, ~on)
 
@@ -491,9 +505,9 @@ def assign_timepoints(
             sq_s_ = r32(r32(true_divide(s, std_s), d32) ** 2, d32)
             sq_u_ = r32(r32(true_divide(u, std_u), u32) ** 2, u32)
             distx_steady_ = r32(fb(sq_u_) + fb(sq_s_), u32 & d32)
-        rows = jnp.stack([distx_, distx, distx_steady_, distx_steady])
+        rows = [distx_, distx, distx_steady_, distx_steady]
     else:
-        rows = jnp.stack([distx_, distx])
+        rows = [distx_, distx]
     res = smooth(nbrs, rows)
     o4 = _argmin_rows(res)
     tau_z = tau * (o4 == 1)

@@ -577,20 +577,25 @@ with _slp_vectorized():
 
     @nb.njit(cache=True, nogil=True)
     def _smooth_run(frame, like):
-        # operands x (C, n) of like's dtype, then per degree bucket: rows (n_b,) int32,
-        # idx (n_b, K_b) int32, val (n_b, K_b) float32; result (C, n) like x
+        # operands: R parts x_k (G, n) of like's dtype, then per degree bucket: rows (n_b,)
+        # int32, idx (n_b, K_b) int32, val (n_b, K_b) float32; result (G * R, n) like x,
+        # gene-major: its row g * R + k smooths row g of part k (R = result rows / G).
+        # Separate parts spare the program a stacked, transposed copy of the rows.
         run, f = _ffi_frame(frame)
         if run:
-            x = _ffi_array(f[9], 0, like)
             out = _ffi_array(f[14], 0, like)
-            C, n = x.shape
-            t = np.zeros((n, _SMOOTH_BLOCK), x.dtype)
+            G, n = _ffi_array(f[9], 0, like).shape
+            C = out.shape[0]
+            R = C // G
+            t = np.zeros((n, _SMOOTH_BLOCK), out.dtype)
             for c0 in range(0, C, _SMOOTH_BLOCK):
                 w = min(_SMOOTH_BLOCK, C - c0)
-                for j in range(n):
-                    for b in range(w):
-                        t[j, b] = x[c0 + b, j]
-                for q in range(1, f[7], 3):
+                for b in range(w):
+                    x = _ffi_array(f[9], (c0 + b) % R, like)
+                    g = (c0 + b) // R
+                    for j in range(n):
+                        t[j, b] = x[g, j]
+                for q in range(R, f[7], 3):
                     rows = _ffi_vector(f[9], q, np.int32(0))
                     idx = _ffi_array(f[9], q + 1, np.int32(0))
                     val = _ffi_array(f[9], q + 2, np.float32(0))
