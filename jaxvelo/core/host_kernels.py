@@ -248,10 +248,11 @@ def _cross_gaps(v, n, bmin, bmax, thr, gap):
     is exactly ``min(next) - max(previous)`` (the first gap is ``min - 0``) and every other
     gap lies inside a bucket, where it is at most that bucket's ``max - min``. Writes the
     crossing gaps and the sorted values ending them, in ascending order, to ``gap``/``thr``
-    (``bmin``/``bmax``: scratch). Returns ``(ok, count, bound)`` with the bound on all
-    other gaps; ``ok`` is False for NaN or infinite values or a degenerate range."""
+    (``bmin``/``bmax``: scratch). Returns ``(ok, count, bound, lo, scale)`` with the bound
+    on all other gaps and the map's parameters (bucket ``min(int((x - lo) * scale), n - 1)``);
+    ``ok`` is False for NaN or infinite values or a degenerate range."""
     if n == 0:
-        return True, 0, 0.0
+        return True, 0, 0.0, 0.0, 0.0
     lo, hi, nan = v[0], v[0], 0.0
     for i in range(n):
         lo = min(lo, v[i])
@@ -259,7 +260,7 @@ def _cross_gaps(v, n, bmin, bmax, thr, gap):
         nan += v[i] * 0.0  # NaN for a NaN or an infinity
     scale = n / (hi - lo) if hi > lo else 0.0
     if nan != 0.0 or not np.isfinite(scale):
-        return False, 0, 0.0
+        return False, 0, 0.0, 0.0, 0.0
     bmin[:n] = np.inf
     bmax[:n] = -np.inf
     for i in range(n):
@@ -278,27 +279,36 @@ def _cross_gaps(v, n, bmin, bmax, thr, gap):
         c += full
         bound = max(bound, b - a)  # -inf for an empty bucket
         prev = b if full else prev
-    return True, c, bound
+    return True, c, bound, lo, scale
 
 
 @nb.njit(cache=True, nogil=True)
-def _subtract_gaps(out, vals, mask, thr, gap, count, ub):
+def _subtract_gaps(out, vals, mask, thr, gap, count, ub, lo, scale, n, cnt, big):
     # for i in where(gap > ub): out[mask & (vals >= thr[i])] -= gap[i]   (in order)
-    # A few big gaps: upstream's loop as is, branch-free over the cells; else _subtract.
+    # thr/gap/lo/scale/n from _cross_gaps on the n values vals[mask]. Each threshold is the
+    # minimum of a bucket of its monotone map j(x), so for a value x of the group
+    # x >= thr[i] exactly when j(x) >= j(thr[i]) (a value in a later bucket exceeds every
+    # value of an earlier one; a bucket's values are >= its minimum). A cell's subtractions
+    # are therefore the first cnt[j(x)] big gaps, applied in the same ascending order, each
+    # rounded to out's dtype: one pass over the cells instead of one per big gap (5-30 of
+    # them at 50,000 cells). cnt (n + 1 int64) and big: scratch.
     k = 0
-    for i in range(count):
-        k += gap[i] > ub
-    if k == 0:
-        return
-    if k > 32:
-        _subtract(out, vals, mask, thr[:count], gap[:count], ub)
-        return
+    cnt[: n + 1] = 0
     for i in range(count):
         if gap[i] > ub:
-            t, d = thr[i], gap[i]
-            for c in range(vals.shape[0]):
-                new = np.float64(out[c]) - d
-                out[c] = new if mask[c] and vals[c] >= t else out[c]
+            big[k] = gap[i]
+            k += 1
+            cnt[min(int((thr[i] - lo) * scale), n - 1) + 1] += 1
+    if k == 0:
+        return
+    for j in range(n):
+        cnt[j + 1] += cnt[j]
+    for c in range(vals.shape[0]):
+        on = mask[c]
+        t = (np.float64(vals[c]) - lo) * scale if on else 0.0
+        m = cnt[min(int(t), n - 1) + 1] if on else 0
+        for i in range(m):
+            out[c] = np.float64(out[c]) - big[i]
 
 
 @nb.njit(cache=True, nogil=True)
@@ -312,15 +322,15 @@ def _adjust_bucketed(out, tau, on, out_, tau_, off, scratch):
     theirs; and every other gap is <= bound <= percentile <= 3 * percentile, so the gaps
     that are removed (> 3 * percentile) are all crossing gaps too -- the same values and
     subtractions, in the same order, as with the full sort. Holds unless the values are
-    very clumped (then the kernel sorts). ``scratch``: float64 (9, cells)."""
+    very clumped (then the kernel sorts). ``scratch``: float64 (9, cells + 1)."""
     va, vb, bmin, bmax, ta, ga, tb, gb, cross = scratch
     na = _compact(tau, on, va)
     nb_ = _compact(tau_, off, vb)
     n_all = na + nb_
     if n_all < 2:
         return False
-    ok_a, ca, bound_a = _cross_gaps(va, na, bmin, bmax, ta, ga)
-    ok_b, cb, bound_b = _cross_gaps(vb, nb_, bmin, bmax, tb, gb)
+    ok_a, ca, bound_a, lo_a, scale_a = _cross_gaps(va, na, bmin, bmax, ta, ga)
+    ok_b, cb, bound_b, lo_b, scale_b = _cross_gaps(vb, nb_, bmin, bmax, tb, gb)
     if not (ok_a and ok_b):
         return False
     bound = max(bound_a, bound_b)
@@ -336,15 +346,16 @@ def _adjust_bucketed(out, tau, on, out_, tau_, off, scratch):
         return False
     lo, hi = _upper_order_stats(cross[: ca + cb], ca + cb - need)
     ub = 3 * _lerp(lo, hi, vi - prev)
-    _subtract_gaps(out, tau, on, ta, ga, ca, ub)
-    _subtract_gaps(out_, tau_, off, tb, gb, cb, ub)
+    cnt = bmin.view(np.int64)  # bmin/bmax are free again: scratch of the subtractions
+    _subtract_gaps(out, tau, on, ta, ga, ca, ub, lo_a, scale_a, na, cnt, bmax)
+    _subtract_gaps(out_, tau_, off, tb, gb, cb, ub, lo_b, scale_b, nb_, cnt, bmax)
     return True
 
 
 @nb.njit(cache=True, nogil=True)
 def _adjust(tau, on, tau_, off, out, out_):
     # compute_divergence ~294-300 per gene (row): both groups share the threshold
-    scratch = np.empty((9, tau.shape[1]), np.float64)
+    scratch = np.empty((9, tau.shape[1] + 1), np.float64)
     for g in range(tau.shape[0]):
         out[g, :] = tau[g, :]
         out_[g, :] = tau_[g, :]
