@@ -288,10 +288,11 @@ def _subtract_gaps(out, vals, mask, thr, gap, count, ub, lo, scale, n, cnt, big)
     # thr/gap/lo/scale/n from _cross_gaps on the n values vals[mask]. Each threshold is the
     # minimum of a bucket of its monotone map j(x), so for a value x of the group
     # x >= thr[i] exactly when j(x) >= j(thr[i]) (a value in a later bucket exceeds every
-    # value of an earlier one; a bucket's values are >= its minimum). A cell's subtractions
-    # are therefore the first cnt[j(x)] big gaps, applied in the same ascending order, each
-    # rounded to out's dtype: one pass over the cells instead of one per big gap (5-30 of
-    # them at 50,000 cells). cnt (n + 1 int64) and big: scratch.
+    # value of an earlier one; a bucket's values are >= its minimum). With cnt[j + 1] the
+    # number of big gaps ending in buckets <= j, a cell's subtractions are the first
+    # cnt[j(x) + 1] big gaps, applied in the same ascending order, each rounded to out's
+    # dtype: one pass over the cells instead of one per big gap (5-30 of them at 50,000
+    # cells). cnt (n + 1 int64) and big: scratch.
     k = 0
     cnt[: n + 1] = 0
     for i in range(count):
