@@ -103,9 +103,10 @@ def test_cli_reports_bad_arguments(capsys):
 # tiers
 # ---------------------------------------------------------------------------------------------
 def test_tier_registry():
-    assert tiers.public() == ["small", "medium", "large", "ood_large", "xlarge"]
+    assert tiers.public() == ["fixture", "small", "medium", "large", "ood_large", "xlarge"]
     sizes = {t.name: (t.source, t.cells, t.n_vars, t.var_names) for t in tiers.TIERS.values()}
     assert sizes == {
+        "fixture": ("fixture", 100, None, "velocity_genes"),
         "small": ("pancreas", 1500, None, "velocity_genes"),
         "medium": ("pancreas", 3696, None, "velocity_genes"),
         "large": ("simulated", 9815, 200, "all"),
@@ -116,7 +117,7 @@ def test_tier_registry():
     assert tiers.TIERS["tiny"].hidden and tiers.TIERS["medium"].n_obs is None
     assert [t.name for t in tiers.resolve("all")] == tiers.public()
     assert [t.name for t in tiers.resolve("tiny, small,tiny")] == ["tiny", "small"]
-    assert [t.name for t in tiers.resolve("xlarge,all")][:2] == ["xlarge", "small"]
+    assert [t.name for t in tiers.resolve("xlarge,all")][:2] == ["xlarge", "fixture"]
     with pytest.raises(ValueError, match="no tier"):
         tiers.resolve(" , ")
 
