@@ -486,6 +486,25 @@ def test_float32_tolerance_is_compared_in_float32():
     assert bool(nm.nm_converged(st_, 1e-3, 1e-3)) == bool(d <= 1e-3)
 
 
+@pytest.mark.parametrize("round32", [False, True])
+def test_traced_tolerances_match_python_floats(round32):
+    # the schedule's shared Nelder-Mead slots pass per-gene tolerances as float64 arrays;
+    # the convergence test must equal the one with Python-float tolerances, also where the
+    # float32 rounding of dx or of the tolerance decides (the round32 path)
+    rng = np.random.default_rng(3)
+    tols = [1e-4, 1e-2, 1e-3, float(np.float32(1e-3)), 0.1]
+    for _ in range(200):
+        tol = tols[rng.integers(len(tols))]
+        base = rng.normal(size=3)
+        scale = tol * rng.choice([0.5, 0.999999, 1.0, 1.0000001, 2.0])
+        sim = jnp.asarray(np.vstack([base, base + scale * rng.choice([-1, 1], (3, 3))]))
+        fsim = jnp.asarray(rng.normal(size=4) * tol)
+        want = nm._converged(sim, fsim, tol, tol, jnp.asarray(round32))
+        t = jnp.asarray(tol)
+        got = jax.jit(lambda a, b, c: nm._converged(a, b, c, c, jnp.asarray(round32)))(sim, fsim, t)
+        assert bool(got) == bool(want), (tol, scale)
+
+
 def test_requires_x64():
     with jax.enable_x64(False):
         with pytest.raises(RuntimeError, match="64-bit"):

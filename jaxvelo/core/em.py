@@ -462,7 +462,7 @@ class _Machine(NamedTuple):
     evals: _Eval  # the update()'s evaluations, stacked (3, ...)
     cand: Candidate  # the update()'s proposed parameters
     back: Array  # bool: after this update() go back to the Nelder-Mead (callbacks)
-    nm: tuple  # NMState per stage
+    nm: tuple  # NMState per slot (stages with the same simplex size share one)
     sc0: Array  # initialize_scaling's z_vals centre
     alpha0: Array  # alpha when fit() starts (fit_t_and_alpha's grid centre)
     done: Array
@@ -516,6 +516,31 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
     opts = [nm_options(len(g.idx), cfg.nm_maxiter, None,
                        *((1e-4, 1e-4) if g.tol is None else (g.tol, g.tol)))
             for g in stages]  # fmt: skip
+    # Stages with the same number of variables share one Nelder-Mead state ("slot"): a gene
+    # is in one stage at a time and every stage starts a fresh simplex, so the loop body
+    # holds one minimiser per simplex size (4 for the 6 stages of fit()) instead of one per
+    # stage. Only the tolerances differ within a slot; they become per-gene values.
+    sizes = sorted({o.n for o in opts})
+    slot = [sizes.index(o.n) for o in opts]
+    members = [[g for g in range(len(stages)) if slot[g] == j] for j in range(len(sizes))]
+    for ms in members:
+        assert len({(opts[g].maxiter, opts[g].maxfev) for g in ms}) == 1, "slot options differ"
+
+    def slot_opts(j: int, stage):
+        o = opts[members[j][0]]
+        if len({(opts[g].xatol, opts[g].fatol) for g in members[j]}) == 1:
+            return o
+
+        def per_gene(field):  # the tolerance of the gene's stage (float64)
+            vals = [getattr(opts[g], field) for g in members[j]]
+            return functools.reduce(
+                lambda acc, gv: jnp.where(stage == gv[0], gv[1], acc),
+                zip(members[j][1:], vals[1:], strict=True),
+                jnp.asarray(vals[0], jnp.float64),
+            )
+
+        return o._replace(xatol=per_gene("xatol"), fatol=per_gene("fatol"))
+
     lins4, lins5 = linspace(-1.0, 1.0, 4), linspace(-1.0, 1.0, 5)
     no = jnp.asarray(False)
 
@@ -540,10 +565,11 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
         cand = _same(em)
         for kd, c in ((_SCALE, c_scale), (_ALPHA, c_alpha)):
             cand = _select(kind == kd, c, cand)
-        nm = tuple(
-            _select((kind == _NM) & (stage == g), _nm_start(em, spec.idx), m.nm[g])
-            for g, spec in enumerate(stages)
-        )
+        nm = list(m.nm)
+        for g, spec in enumerate(stages):
+            j = slot[g]
+            nm[j] = _select((kind == _NM) & (stage == g), _nm_start(em, spec.idx), nm[j])
+        nm = tuple(nm)
         return _Machine(em=em, step=s.astype(jnp.int32), upd=kind != _NM,
                         k=jnp.zeros((), jnp.int32), evals=_stack3(_stored(em)), cand=cand,
                         back=no, nm=nm, sc0=sc0, alpha0=alpha0, done=s >= n_steps)  # fmt: skip
@@ -564,7 +590,7 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
         pts = [nm_propose(nm) for nm in m.nm]
         for g, spec in enumerate(stages):
             here = ~m.upd & (stage == g)
-            c = _nm_candidate(em, spec.idx, m.nm[g].round32, pts[g].point)
+            c = _nm_candidate(em, spec.idx, m.nm[slot[g]].round32, pts[slot[g]].point)
             g_refit = spec.refit and cfg.fit_time
             g_fl = _flags(c.f32, c.beta_int, no if g_refit else em.t32, em.ratio32)
             p = jnp.where(here, c.pars, p)
@@ -576,12 +602,17 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
         fval = true_divide(ev.loss, st.w.n)
         nm_new, nm_end, nm_done = list(m.nm), no, no
         nm_best = m.cand
-        for g, spec in enumerate(stages):
-            here = ~m.upd & (stage == g)
-            new, end_iter = nm_consume(m.nm[g], pts[g], fval, opts[g])
-            nm_new[g] = _select(here, new, m.nm[g])
+        news = []
+        for j in range(len(sizes)):
+            here = ~m.upd & functools.reduce(jnp.logical_or, [stage == g for g in members[j]])
+            new, end_iter = nm_consume(m.nm[j], pts[j], fval, slot_opts(j, stage))
+            news.append(new)
+            nm_new[j] = _select(here, new, m.nm[j])
             nm_end = jnp.where(here, end_iter, nm_end)
             nm_done = jnp.where(here, new.done, nm_done)
+        for g, spec in enumerate(stages):
+            here = ~m.upd & (stage == g)
+            new = news[slot[g]]
             nm_best = _select(here, _nm_candidate(em, spec.idx, new.round32, new.sim[0]), nm_best)
         in_nm = m._replace(nm=tuple(nm_new))
         if cfg.high_pars_resolution:
@@ -599,12 +630,13 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
         pending = m._replace(evals=evals, k=k_next)
         # after a callback's update(): back to the stage, or on to its own update()
         stage_done = functools.reduce(
-            lambda acc, g: jnp.where(stage == g, m.nm[g].done, acc), range(len(stages)), no
+            lambda acc, g: jnp.where(stage == g, m.nm[slot[g]].done, acc), range(len(stages)), no
         )
         stage_best = m.cand
         for g, spec in enumerate(stages):
-            stage_best = _select(stage == g, _nm_candidate(em_new, spec.idx, m.nm[g].round32,
-                                                           m.nm[g].sim[0]), stage_best)  # fmt: skip
+            nm_g = m.nm[slot[g]]
+            stage_best = _select(stage == g, _nm_candidate(em_new, spec.idx, nm_g.round32,
+                                                           nm_g.sim[0]), stage_best)  # fmt: skip
         resumed = _select(stage_done, start_update(m, em_new, stage_best, no),
                           m._replace(em=em_new, upd=no))  # fmt: skip
         advanced = enter(m, em_new, m.step + 1)
@@ -612,7 +644,7 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
         in_upd = _select(decided, after, pending)
         return _select(m.upd, in_upd, in_nm)
 
-    nm0 = tuple(_nm_start(state, g.idx) for g in stages)
+    nm0 = tuple(_nm_start(state, stages[ms[0]].idx) for ms in members)
     m0 = _Machine(em=state, step=jnp.zeros((), jnp.int32), upd=no, k=jnp.zeros((), jnp.int32),
                   evals=_stack3(_stored(state)), cand=_same(state), back=no, nm=nm0,
                   sc0=state.pars[SCALING], alpha0=state.pars[ALPHA], done=no)  # fmt: skip

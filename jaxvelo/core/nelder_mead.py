@@ -334,7 +334,15 @@ def numpy_argsort(f: jax.Array) -> jax.Array:
             keys[lo], keys[hi] = jnp.where(swap, kh, kl), jnp.where(swap, kl, kh)
             nans[lo], nans[hi] = jnp.where(swap, nh, nl), jnp.where(swap, nl, nh)
             idx[lo], idx[hi] = jnp.where(swap, ih, il), jnp.where(swap, il, ih)
-    return jnp.stack(idx)
+    # The permutation leaves as one packed int32 (3 bits per position), unpacked by shifts:
+    # stacked directly, XLA:CPU fuses the network into the concatenation and the fused loop
+    # cost ~70 us per 64-gene step at n = 5 (one-core trace, 100 cells; ~3 such sites per
+    # step); the packed form, fused the same way, ~17 us. (An optimization_barrier on the
+    # code does not change this: XLA:CPU removes barriers before fusion.)
+    code = functools.reduce(
+        jnp.bitwise_or, [jnp.left_shift(v, jnp.int32(3 * k)) for k, v in enumerate(idx)]
+    )
+    return jnp.stack([(code >> jnp.int32(3 * k)) & jnp.int32(7) for k in range(n)])
 
 
 def _numpy_min(f: jax.Array) -> jax.Array:
@@ -485,11 +493,16 @@ def _converged(
     sim: jax.Array, fsim: jax.Array, xatol: float, fatol: float, round32: Any = False
 ) -> jax.Array:
     # l. 868-870; ``max(...) <= tol`` == ``all(... <= tol)`` including NaN (False).
-    # ``xatol`` is a weak Python float: compared in sim's dtype, like NEP 50.
+    # ``xatol`` is a weak Python float: compared in sim's dtype, like NEP 50 (or a float64
+    # array, per gene, for a float64 simplex: the same comparison).
     dx = jnp.abs(sim[1:] - sim[0])
     xok = jnp.all(dx <= xatol)
     if sim.dtype == jnp.float64:
-        xok32 = jnp.all(_r32(dx, True) <= float(np.float32(xatol)))
+        if isinstance(xatol, float | int):
+            x32 = float(np.float32(xatol))
+        else:  # numpy's float32 rounding of the tolerance, as a float64 value
+            x32 = jnp.asarray(xatol, jnp.float64).astype(jnp.float32).astype(jnp.float64)
+        xok32 = jnp.all(_r32(dx, True) <= x32)
         xok = jnp.where(round32, xok32, xok)
     fok = jnp.all(jnp.abs(fsim[0] - fsim[1:]) <= fatol)
     return xok & fok
