@@ -171,7 +171,8 @@ def _bench_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tier",
         default="small",
-        help="small (1500-cell pancreas, default), medium (3696-cell pancreas), "
+        help="fixture (scVelo's 100-cell pancreas fixture), small (1500-cell pancreas, "
+        "default), medium (3696-cell pancreas), "
         "large (simulated 9815 x 200), ood_large (simulated 5780 x 200), "
         "xlarge (simulated 50000 x 20), a comma-separated list, or all",
     )
