@@ -493,6 +493,8 @@ def test_traced_tolerances_match_python_floats(round32):
     # float32 rounding of dx or of the tolerance decides (the round32 path)
     rng = np.random.default_rng(3)
     tols = [1e-4, 1e-2, 1e-3, float(np.float32(1e-3)), 0.1]
+    traced = jax.jit(lambda a, b, c: nm._converged(a, b, c, c, jnp.asarray(round32)))
+    seen = set()
     for _ in range(200):
         tol = tols[rng.integers(len(tols))]
         base = rng.normal(size=3)
@@ -501,8 +503,10 @@ def test_traced_tolerances_match_python_floats(round32):
         fsim = jnp.asarray(rng.normal(size=4) * tol)
         want = nm._converged(sim, fsim, tol, tol, jnp.asarray(round32))
         t = jnp.asarray(tol)
-        got = jax.jit(lambda a, b, c: nm._converged(a, b, c, c, jnp.asarray(round32)))(sim, fsim, t)
+        got = traced(sim, fsim, t)
         assert bool(got) == bool(want), (tol, scale)
+        seen.add(bool(want))
+    assert seen == {True, False}  # both outcomes exercised
 
 
 def test_requires_x64():
