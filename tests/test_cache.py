@@ -13,7 +13,7 @@ import pytest
 from jaxvelo.core import batch
 
 _CHILD = r"""
-import json, sys, time, numpy as np
+import json, os, sys, time, numpy as np
 from jaxvelo import datasets
 from jaxvelo.core import batch
 from jaxvelo.core.em import FitConfig
@@ -23,7 +23,7 @@ traced = []
 orig = batch._program
 batch._program = lambda *a, **k: traced.append(1) or orig(*a, **k)
 t = time.perf_counter()
-res = batch.fit_genes(u, s, FitConfig(n_obs=a.n_obs), batch_size=4)
+res = batch.fit_genes(u, s, FitConfig(n_obs=a.n_obs), batch_size=int(os.environ["BS"]))
 fn = next(iter(batch._MEMORY.values()))
 genes, cells = fn.args_info[0][0].u.shape
 print(json.dumps({"traced": len(traced), "seconds": time.perf_counter() - t,
@@ -33,8 +33,8 @@ print(json.dumps({"traced": len(traced), "seconds": time.perf_counter() - t,
 """
 
 
-def _run(cache: str) -> dict:
-    env = {**os.environ, "JAXVELO_CACHE_DIR": cache}
+def _run(cache: str, batch_size: int = 4, **env) -> dict:
+    env = {**os.environ, "JAXVELO_CACHE_DIR": cache, "BS": str(batch_size), **env}
     out = subprocess.run([sys.executable, "-c", _CHILD], env=env, check=True,
                          capture_output=True, text=True).stdout  # fmt: skip
     return json.loads(out.strip().splitlines()[-1])
@@ -52,6 +52,23 @@ def test_second_process_loads_cached_program(tmp_path):
     # the batch-size model bounds the compiled program's working memory (from a compiled and
     # from a loaded program: the same analysis)
     assert 0 < first["temp"] == second["temp"] <= first["model"]
+
+
+@pytest.mark.slow
+def test_cached_program_on_two_devices(tmp_path):
+    """With several devices (two XLA host devices here, or several GPUs) each device's
+    program is stored and loaded bound to that device: the second process neither traces
+    nor compiles for any device, and the genes dealt over both devices get the one-device
+    results."""
+    two = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAXVELO_DEVICES": "2"}
+    first = _run(str(tmp_path), batch_size=2, **two)  # 2 batches: one on each device
+    assert first["traced"] == 2 and len(list(tmp_path.glob("*.xla"))) == 2
+    second = _run(str(tmp_path), batch_size=2, **two)
+    assert second["traced"] == 0
+    one = _run(str(tmp_path), batch_size=2)  # one device, the same stored program
+    assert one["traced"] == 0
+    assert second["pars"] == first["pars"] == one["pars"]
+    assert second["loss"] == first["loss"] == one["loss"]
 
 
 def test_cache_dir_setting(monkeypatch, tmp_path):

@@ -196,11 +196,7 @@ def _loaded(key, d, cfg, has_nbrs, init_vals, host, gd, nb, ld) -> Callable:
         from . import host_kernels
 
         host_kernels.register_all()  # custom-call targets the program refers to by name
-    if d == 0:
-        fn = _cached_program(key, cfg, has_nbrs, init_vals, gd, nb, ld)
-    else:  # compiled for its device, not stored on disk (several devices are opt-in)
-        args = jax.device_put((gd, nb, ld), jax.devices()[d])
-        fn = _program(cfg, has_nbrs, init_vals).lower(*args).compile()
+    fn = _cached_program(key, d, cfg, has_nbrs, init_vals, gd, nb, ld)
     _MEMORY[mkey] = fn
     while len(_MEMORY) > _MEMORY_SIZE:
         _MEMORY.popitem(last=False)
@@ -230,23 +226,31 @@ def _release_heap() -> None:
         trim(0)
 
 
-def _cached_program(key, cfg, has_nbrs, init_vals, gd, nb, ld) -> Callable:
-    """The first device's program: from the disk cache, or traced and compiled (then
-    stored)."""
+def _cached_program(key, d, cfg, has_nbrs, init_vals, gd, nb, ld) -> Callable:
+    """Device ``d``'s program: from the disk cache, or traced and compiled (then stored).
+
+    A stored program refers to the device it was compiled for, so each device has its own
+    entry, loaded bound to that device (``execution_devices``): by default
+    ``deserialize_and_load`` binds a program to all of the backend's devices, and with
+    several (``--xla_force_host_platform_device_count``, a multi-GPU machine) executing it
+    failed ("Expected args ... to have 2 shards")."""
+    device = jax.devices()[d]
     folder = cache_dir()
-    path = None if folder is None else folder / f"{key}.xla"
+    path = None if folder is None else folder / (f"{key}.xla" if d == 0 else f"{key}.d{d}.xla")
     if path is not None and path.exists():
         from jax.experimental.serialize_executable import deserialize_and_load
 
         in_tree = jax.tree_util.tree_structure(((gd, nb, ld), {}))
         out_tree = jax.tree_util.tree_structure(GeneResult(*range(len(GeneResult._fields))))
         try:
-            fn = deserialize_and_load(path.read_bytes(), in_tree, out_tree)
+            fn = deserialize_and_load(path.read_bytes(), in_tree, out_tree,
+                                      execution_devices=[device])  # fmt: skip
             os.utime(path)  # recently used: pruned last
             return fn
         except Exception:  # a stale or truncated entry: recompile and overwrite
             pass
-    fn = _program(cfg, has_nbrs, init_vals).lower(gd, nb, ld).compile()
+    args = (gd, nb, ld) if d == 0 else jax.device_put((gd, nb, ld), device)
+    fn = _program(cfg, has_nbrs, init_vals).lower(*args).compile()
     if path is not None:
         _store(path, fn)
     return fn
