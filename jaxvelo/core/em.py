@@ -359,11 +359,12 @@ def _update_input(k, state: EMState, cand: Candidate, r0: _Eval, r1: _Eval, t32_
     return p, fl
 
 
-def _update_outcome(state: EMState, cand: Candidate, evals: _Eval, adjust_t_, t32_c, cfg):
-    """``update()``'s decision (core ~324-378) from its evaluations: the arguments of
-    :func:`_commit`."""
+def _update_outcome(state: EMState, cand: Candidate, rows: tuple, adjust_t_, t32_c, cfg):
+    """``update()``'s decision (core ~324-378) from its evaluations ``rows`` (0: the
+    proposed parameters, 1: the current ones re-assigned, 2: the adjust-t_ alternative):
+    the arguments of :func:`_commit`."""
     no = jnp.asarray(False)
-    r0, r1, r2 = (_row(evals, j) for j in range(3))
+    r0, r1, r2 = rows
     plain = (r0.loss < state.loss_last, cand.pars, r0.t, r0.tau, r0.o, r0.loss, cand.f32,
              cand.beta_int, no)  # fmt: skip
     if isinstance(adjust_t_, bool) and not adjust_t_:
@@ -571,12 +572,12 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
             nm[j] = _select((kind == _NM) & (stage == g), _nm_start(em, spec.idx), nm[j])
         nm = tuple(nm)
         return _Machine(em=em, step=s.astype(jnp.int32), upd=kind != _NM,
-                        k=jnp.zeros((), jnp.int32), evals=_stack3(_stored(em)), cand=cand,
-                        back=no, nm=nm, sc0=sc0, alpha0=alpha0, done=s >= n_steps)  # fmt: skip
+                        k=jnp.zeros((), jnp.int32), evals=m.evals, cand=cand, back=no,
+                        nm=nm, sc0=sc0, alpha0=alpha0, done=s >= n_steps)  # fmt: skip
 
     def start_update(m: _Machine, em: EMState, cand: Candidate, back) -> _Machine:
         return m._replace(em=em, upd=jnp.asarray(True), k=jnp.zeros((), jnp.int32),
-                          evals=_stack3(_stored(em)), cand=cand, back=back)  # fmt: skip
+                          cand=cand, back=back)  # fmt: skip
 
     def body(m: _Machine) -> _Machine:
         em = m.em
@@ -585,7 +586,14 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
         recompute, stage = table["recompute"][sc], table["stage"][sc]
         t32_c = jnp.where(recompute, no, em.t32)
         # --- what to evaluate: the update()'s next evaluation or the stage's simplex point
-        p, fl = _update_input(m.k, em, m.cand, _row(m.evals, 0), _row(m.evals, 1), t32_c, cfg)
+        # An update()'s evaluations are rows 0-2 of ``evals`` (row k written by evaluation
+        # k). Rows from an earlier update are never cleared: row 0 is always written before
+        # it is read, row 2 is read only with adjust_t_ (then written), and row 1, skipped
+        # without ``recompute`` (_next_eval), reads as the stored assignment of ``em`` (em
+        # is fixed during an update). Resetting the stack at every update() start cost
+        # full (genes, 3, cells) copies and selects every iteration (~8% of a step).
+        r1 = _select(recompute, _row(m.evals, 1), _stored(em))
+        p, fl = _update_input(m.k, em, m.cand, _row(m.evals, 0), r1, t32_c, cfg)
         refit = jnp.asarray(cfg.fit_time)
         pts = [nm_propose(nm) for nm in m.nm]
         for g, spec in enumerate(stages):
@@ -623,10 +631,15 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
             to_upd, back = nm_done, no
         in_nm = _select(to_upd, start_update(in_nm, em, nm_best, back), in_nm)
         # --- update() bookkeeping
-        evals = jax.tree_util.tree_map(lambda x, y: x.at[m.k].set(y), m.evals, ev)
+        # one row written per gene (kept as it was outside an update()); every path below
+        # carries this same stack, so XLA selects none of it
+        evals = jax.tree_util.tree_map(
+            lambda x, y: x.at[m.k].set(jnp.where(m.upd, y, x[m.k])), m.evals, ev
+        )
         k_next = _next_eval(m.k, adjust, recompute)
         decided = k_next == 3
-        em_new = _commit(em, *_update_outcome(em, m.cand, evals, adjust, t32_c, cfg))
+        rows = (_row(evals, 0), _select(recompute, _row(evals, 1), _stored(em)), _row(evals, 2))
+        em_new = _commit(em, *_update_outcome(em, m.cand, rows, adjust, t32_c, cfg))
         pending = m._replace(evals=evals, k=k_next)
         # after a callback's update(): back to the stage, or on to its own update()
         stage_done = functools.reduce(
@@ -642,7 +655,7 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
         advanced = enter(m, em_new, m.step + 1)
         after = _select(m.back, resumed, advanced)
         in_upd = _select(decided, after, pending)
-        return _select(m.upd, in_upd, in_nm)
+        return _select(m.upd, in_upd, in_nm)._replace(evals=evals)
 
     nm0 = tuple(_nm_start(state, stages[ms[0]].idx) for ms in members)
     m0 = _Machine(em=state, step=jnp.zeros((), jnp.int32), upd=no, k=jnp.zeros((), jnp.int32),
