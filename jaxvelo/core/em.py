@@ -31,6 +31,7 @@ from .numerics import (
     pairwise_sum,
     test_bimodality,
     true_divide,
+    while_any,
 )
 from .numerics import round32 as r32
 
@@ -579,7 +580,7 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
         return m._replace(em=em, upd=jnp.asarray(True), k=jnp.zeros((), jnp.int32),
                           cand=cand, back=back)  # fmt: skip
 
-    def body(m: _Machine) -> _Machine:
+    def body(m: _Machine, st=st, nbrs=nbrs) -> _Machine:
         em = m.em
         sc = jnp.clip(m.step, 0, n_steps - 1)
         mode, adjust = table["mode"][sc], table["adjust"][sc]
@@ -639,7 +640,10 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
         k_next = _next_eval(m.k, adjust, recompute)
         decided = k_next == 3
         rows = (_row(evals, 0), _select(recompute, _row(evals, 1), _stored(em)), _row(evals, 2))
-        em_new = _commit(em, *_update_outcome(em, m.cand, rows, adjust, t32_c, cfg))
+        ok, *outcome = _update_outcome(em, m.cand, rows, adjust, t32_c, cfg)
+        # a finished gene (re-running the last update()) keeps its state: the loop does not
+        # freeze finished genes (while_any), and only ``em`` is read after it
+        em_new = _commit(em, ok & ~m.done, *outcome)
         pending = m._replace(evals=evals, k=k_next)
         # after a callback's update(): back to the stage, or on to its own update()
         stage_done = functools.reduce(
@@ -662,7 +666,7 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
                   evals=_stack3(_stored(state)), cand=_same(state), back=no, nm=nm0,
                   sc0=state.pars[SCALING], alpha0=state.pars[ALPHA], done=no)  # fmt: skip
     m = enter(m0, state, jnp.zeros((), jnp.int32))
-    m = jax.lax.while_loop(lambda m: ~m.done, body, m)
+    m = while_any(lambda m: ~m.done, lambda c, m: body(m, *c), m, (st, nbrs))
     return m.em
 
 

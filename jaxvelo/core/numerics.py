@@ -205,6 +205,37 @@ def cond_any(pred, true_fn, false_fn, *operands, chunk: int | None = None):
     return lazy(jnp.asarray(pred, bool), operands)
 
 
+def while_any(cond_fn, body_fn, init, consts=()):
+    """``lax.while_loop(cond_fn, lambda c: body_fn(consts, c), init)`` whose batching rule
+    loops while any member's ``cond_fn`` holds, without freezing the finished members.
+
+    Under ``vmap`` JAX's own rule selects every leaf of the carry between the body's
+    result and the old value, per member, on every iteration (full copies of every
+    cell-sized array of the carry), and traces the body twice. Here the body runs on every
+    member until all are finished: ``body_fn`` must itself leave what the caller reads of
+    a finished member's carry unchanged (bitwise). The body must not close over batched
+    values: pass them in ``consts``.
+    """
+
+    @jax.custom_batching.custom_vmap
+    def loop(consts, init):
+        return lax.while_loop(cond_fn, lambda c: body_fn(consts, c), init)
+
+    @loop.def_vmap
+    def _rule(axis_size, in_batched, consts, init):
+        c_b, i_b = in_batched
+        init = jax.tree_util.tree_map(
+            lambda x, b: x if b else jnp.broadcast_to(x, (axis_size, *jnp.shape(x))), init, i_b
+        )
+        axes = jax.tree_util.tree_map(lambda b: 0 if b else None, c_b)
+        body = jax.vmap(body_fn, in_axes=(axes, 0), axis_size=axis_size)
+        out = lax.while_loop(lambda c: jnp.any(jax.vmap(cond_fn)(c)),
+                             lambda c: body(consts, c), init)  # fmt: skip
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    return loop(consts, init)
+
+
 def stable_partition(mask: jax.Array) -> jax.Array:
     """``argsort(~mask, stable=True)``: the positions where ``mask`` (in order), then the
     others (in order), as int32. Two prefix sums and a scatter of a permutation instead
