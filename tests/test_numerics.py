@@ -528,3 +528,41 @@ def test_host_sort_is_np_sort(x):
     assert np.asarray(got).dtype == x.dtype
     nz = want != 0
     assert np.array_equal(np.signbit(np.asarray(got)[nz]), np.signbit(want[nz]))
+
+
+def test_while_any_matches_while_loop_under_vmap():
+    """``while_any`` under ``vmap``: the same carries as ``lax.while_loop`` (JAX's rule
+    freezes finished members; here a body that leaves them unchanged does), with batched
+    and unbatched constants, an unbatched carry leaf, and a member that never iterates;
+    and without the rule's per-leaf select of the carry in the program."""
+    limits = jnp.asarray([0, 3, 7, 1], jnp.int32)
+    scale = 2.0
+
+    def cond(c):
+        return c[0] < c[2]
+
+    def body(consts, c):
+        lim, s = consts
+        i, x, _ = c
+        go = i < lim  # a finished member: unchanged
+        return jnp.where(go, i + 1, i), jnp.where(go, x * s + 1.0, x), lim
+
+    def ref(lim, x0):
+        return jax.lax.while_loop(cond, lambda c: body((lim, scale), c), (jnp.int32(0), x0, lim))
+
+    def ours(lim, x0):
+        return nm.while_any(cond, body, (jnp.int32(0), x0, lim), (lim, scale))
+
+    x0 = jnp.asarray([1.0, 0.5, -2.0, 3.0])
+    want = jax.vmap(ref)(limits, x0)
+    got = jax.jit(jax.vmap(ours))(limits, x0)
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    np.testing.assert_array_equal(np.asarray(got[0]), [0, 3, 7, 1])
+    # unbatched (no vmap): lax.while_loop itself
+    np.testing.assert_array_equal(np.asarray(ours(limits[2], x0[2])[1]), np.asarray(want[1][2]))
+    # JAX's rule selects each batched carry leaf between the body's result and the old
+    # value on every iteration; the custom rule does not
+    text_ref = jax.jit(jax.vmap(ref)).lower(limits, x0).as_text()
+    text = jax.jit(jax.vmap(ours)).lower(limits, x0).as_text()
+    assert text_ref.count("stablehlo.select") > text.count("stablehlo.select")
