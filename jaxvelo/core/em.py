@@ -586,15 +586,18 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
         mode, adjust = table["mode"][sc], table["adjust"][sc]
         recompute, stage = table["recompute"][sc], table["stage"][sc]
         t32_c = jnp.where(recompute, no, em.t32)
-        # --- what to evaluate: the update()'s next evaluation or the stage's simplex point
+
         # An update()'s evaluations are rows 0-2 of ``evals`` (row k written by evaluation
         # k). Rows from an earlier update are never cleared: row 0 is always written before
         # it is read, row 2 is read only with adjust_t_ (then written), and row 1, skipped
         # without ``recompute`` (_next_eval), reads as the stored assignment of ``em`` (em
         # is fixed during an update). Resetting the stack at every update() start cost
         # full (genes, 3, cells) copies and selects every iteration (~8% of a step).
-        r1 = _select(recompute, _row(m.evals, 1), _stored(em))
-        p, fl = _update_input(m.k, em, m.cand, _row(m.evals, 0), r1, t32_c, cfg)
+        def rows_of(stack):
+            return _row(stack, 0), _select(recompute, _row(stack, 1), _stored(em)), _row(stack, 2)
+
+        # --- what to evaluate: the update()'s next evaluation or the stage's simplex point
+        p, fl = _update_input(m.k, em, m.cand, *rows_of(m.evals)[:2], t32_c, cfg)
         refit = jnp.asarray(cfg.fit_time)
         pts = [nm_propose(nm) for nm in m.nm]
         for g, spec in enumerate(stages):
@@ -639,8 +642,7 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
         )
         k_next = _next_eval(m.k, adjust, recompute)
         decided = k_next == 3
-        rows = (_row(evals, 0), _select(recompute, _row(evals, 1), _stored(em)), _row(evals, 2))
-        ok, *outcome = _update_outcome(em, m.cand, rows, adjust, t32_c, cfg)
+        ok, *outcome = _update_outcome(em, m.cand, rows_of(evals), adjust, t32_c, cfg)
         # a finished gene (re-running the last update()) keeps its state: the loop does not
         # freeze finished genes (while_any), and only ``em`` is read after it
         em_new = _commit(em, ok & ~m.done, *outcome)
