@@ -580,6 +580,8 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
         return m._replace(em=em, upd=jnp.asarray(True), k=jnp.zeros((), jnp.int32),
                           cand=cand, back=back)  # fmt: skip
 
+    # ``st`` and ``nbrs`` are parameters, not closures: while_any's batching rule passes
+    # them in (a custom_vmap function must not close over batched values)
     def body(m: _Machine, st=st, nbrs=nbrs) -> _Machine:
         em = m.em
         sc = jnp.clip(m.step, 0, n_steps - 1)

@@ -224,9 +224,8 @@ def while_any(cond_fn, body_fn, init, consts=()):
     @loop.def_vmap
     def _rule(axis_size, in_batched, consts, init):
         c_b, i_b = in_batched
-        init = jax.tree_util.tree_map(
-            lambda x, b: x if b else jnp.broadcast_to(x, (axis_size, *jnp.shape(x))), init, i_b
-        )
+        leaves, tree = jax.tree_util.tree_flatten(init)
+        init = tree.unflatten(all_batched(axis_size, jax.tree_util.tree_leaves(i_b), leaves))
         axes = jax.tree_util.tree_map(lambda b: 0 if b else None, c_b)
         body = jax.vmap(body_fn, in_axes=(axes, 0), axis_size=axis_size)
         out = lax.while_loop(lambda c: jnp.any(jax.vmap(cond_fn)(c)),
