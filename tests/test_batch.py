@@ -15,12 +15,14 @@ from jaxvelo.core.batch import MAX_BATCH, auto_batch_size, working_bytes
 @pytest.mark.parametrize(
     "genes, cells, workers, expected",
     [
-        (611, 3696, 2, 16),  # the pancreas: 40 batches of 16 (cache-resident batches)
-        (559, 1500, 2, 16),  # its 1500-cell subset: 36 of 16
-        (200, 5780, 2, 15),  # 14 batches of 15, not 13 of 16 (odd) or 16 of 16 padded
+        # the pancreas: 36 batches of 17 (612 gene slots), not 40 of 16 (640: padding)
+        (611, 3696, 2, 17),
+        (611, 3696, 4, 17),
+        (559, 1500, 2, 16),  # its 1500-cell subset: 35 of 16 (17 or 18 need no fewer slots)
+        (200, 5780, 2, 17),  # 12 batches of 17 (204 slots), not 14 of 15 (210)
         (20, 50_000, 2, 10),  # within the budget, the same number of batches per worker
-        (200, 9815, 2, 15),  # at most 24k genes x cells per batch, but 16 genes at least
-        (2000, 50_000, 2, 16),  # ... 16 genes at least
+        (200, 9815, 2, 17),  # at most 24k genes x cells per batch, but 16 genes (+ 1/8)
+        (2000, 50_000, 2, 17),  # ... 16 genes at least (118 x 17: 2006 slots, not 2016)
         (2000, 200_000, 2, 3),  # the memory budget decides: 2 x 3 x 200,000 cells fit 1 GiB
         (1327, 100, 2, 64),  # few cells: wide batches (per-operation overhead)
         (1000, 500, 2, 48),  # 24k / 500 cells

@@ -158,6 +158,24 @@ def test_smooth_matches_scipy_csr_dot():
     np.testing.assert_array_equal(np.asarray(got), conn.dot(res.T).T)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_smooth_copy_rows_start_on_cache_line_pairs(dtype):
+    """The smoothing kernel's cells-first copy: rows of 16 values on 128-byte boundaries
+    (a gathered float64 row is two whole cache lines, not three), whatever the
+    allocation's own alignment (numba's is 32 bytes)."""
+    pytest.importorskip("numba")
+    from jaxvelo.core import host_kernels
+
+    for n in (1, 7, 3696):
+        for extra in range(0, 96, 8):  # shift the buffer's start by 0..88 bytes
+            raw = np.zeros(n * 16 + 256 // np.dtype(dtype).itemsize + extra, dtype)
+            buf = raw[extra // np.dtype(dtype).itemsize :]
+            t = host_kernels._aligned_rows(buf, n)
+            assert t.shape == (n, 16) and t.dtype == dtype and t.flags.c_contiguous
+            assert t.ctypes.data % host_kernels._SMOOTH_ALIGN == 0
+            assert np.shares_memory(t, raw)
+
+
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 100_000), frac_on=st.floats(0, 1), n=st.integers(5, 400))
 def test_adjust_increments(seed, frac_on, n):

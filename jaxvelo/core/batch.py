@@ -119,20 +119,34 @@ def auto_batch_size(
     (:func:`memory_budget` shared by the ``workers`` batches in flight, each needing
     :func:`working_bytes`); then the fewest batches, a multiple of ``workers`` so
     that every thread has work, of equal size (rounded up to a multiple of 8 above 16 genes,
-    so that similar gene counts share compiled programs).
+    so that similar gene counts share compiled programs). Up to 16 genes, a batch up to an
+    eighth larger is taken where it needs fewer gene slots in all (less padding).
     """
     budget = memory_budget() if budget is None else budget
     workers = max(1, int(workers))
     fixed = working_bytes(0, n_obs, mode)  # the cell-only arrays of a batch
     per_gene = working_bytes(1, n_obs, mode) - fixed
+    fits = (budget // workers - fixed) // per_gene  # genes per batch within the budget
     cap = min(MAX_BATCH, max(WORKING_SET_MIN_GENES, WORKING_SET_GENE_CELLS // max(1, n_obs)))
-    cap = int(max(1, min(cap, (budget // workers - fixed) // per_gene)))
-    n_batches = -(-max(1, n_genes) // cap)
+    cap = int(max(1, min(cap, fits)))
+    n_genes = max(1, n_genes)
+    n_batches = -(-n_genes // cap)
     n_batches = -(-n_batches // workers) * workers
-    size = -(-max(1, n_genes) // n_batches)
+    size = -(-n_genes // n_batches)
     if size > 16:
-        size = -(-size // 8) * 8
-    return max(1, min(size, cap))
+        return min(-(-size // 8) * 8, cap)
+    # A padded gene slot costs as much as a gene (it fits a copy of one), so where a
+    # slightly larger batch (up to an eighth above the cap, within the budget) needs fewer
+    # slots in all, take it: the 3696-cell pancreas's 611 genes as 36 batches of 17 (612
+    # slots) instead of 40 of 16 (640: 4.5% more work).
+    hi = int(min(MAX_BATCH, fits, cap + cap // 8))
+    best = (n_batches * size, size)
+    for nb in range(n_batches - workers, 0, -workers):
+        s = -(-n_genes // nb)
+        if s > hi:
+            break
+        best = min(best, (nb * s, s))
+    return max(1, best[1])
 
 
 def cache_dir() -> Path | None:
