@@ -71,6 +71,13 @@ def test_cond_any_values_and_laziness():
     # an unbatched predicate stays an ordinary cond
     g = jax.jit(jax.vmap(lambda x: cond_any(jnp.asarray(True), expensive, cheap, x, y)))
     np.testing.assert_array_equal(g(x), jnp.sin(x) * y)
+    # discard: the members without pred are the caller's to ignore, so where some member
+    # needs the expensive branch it runs for all of them, without the cheap one or a select
+    h = jax.jit(jax.vmap(lambda p, x: cond_any(p, expensive, cheap, x, y, discard=True)))
+    np.testing.assert_array_equal(h(pred, x), jnp.sin(x) * y)
+    np.testing.assert_array_equal(h(jnp.zeros(4, bool), x), x + y)
+    text = h.lower(pred, x).as_text()
+    assert "select" not in text and "add" in text  # cheap (x + y) only when none needs it
 
 
 @pytest.mark.parametrize("high_pars", [False, True])

@@ -246,7 +246,7 @@ def assign_tau(
         # at a time: see _switched)
         use = beta < gamma
         tau_p, tau_p_ = cond_any(use, _projection, _zeros, *ops, chunk=_PROJ_CHUNK)
-        tau_i, tau_i_ = cond_any(~use, _inverse, _zeros, *ops)
+        tau_i, tau_i_ = cond_any(~use, _inverse, _zeros, *ops, discard=True)
         return jnp.where(use, tau_p, tau_i), jnp.where(use, tau_p_, tau_i_)
     return _projection(*ops)
 
@@ -293,7 +293,8 @@ def _switched(ms: ModeSwitch, ops: tuple) -> tuple[Array, Array]:
         hit += [(index == i) & where_proj for i, k in enumerate(kinds) if k == "projection"]
         return functools.reduce(jnp.logical_or, hit, jnp.asarray(False))
 
-    inv = cond_any(needed("inverse", ~use_proj), _inverse, _zeros, *ops)
+    # select() reads inv only where it was needed: no per-gene select against zeros
+    inv = cond_any(needed("inverse", ~use_proj), _inverse, _zeros, *ops, discard=True)
     # the projection (a 500-point grid per cell) runs only for the genes whose mode needs
     # it, gathered 8 at a time: at a given iteration few genes of a batch are in the
     # final stage, and "projection" projects only where beta < gamma (utils ~189-191)

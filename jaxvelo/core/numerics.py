@@ -154,7 +154,8 @@ def where_lazy(flag, fn, x: jax.Array, otherwise: jax.Array) -> jax.Array:
     return cond_any(flag, lambda v, o: fn(v), lambda v, o: o, x, otherwise)
 
 
-def cond_any(pred, true_fn, false_fn, *operands, chunk: int | None = None):
+def cond_any(pred, true_fn, false_fn, *operands, chunk: int | None = None,
+             discard: bool = False):  # fmt: skip
     """``lax.cond(pred, true_fn, false_fn, *operands)`` that stays lazy under ``vmap``.
 
     With a batched ``pred``, ``lax.cond`` becomes a select that runs both branches for
@@ -169,6 +170,11 @@ def cond_any(pred, true_fn, false_fn, *operands, chunk: int | None = None):
     back over ``false_fn``'s results. For an expensive ``true_fn`` that few members need
     at a time; ``true_fn`` must be elementwise in the batch (a member's result does not
     depend on the others' or on the batch size, as everywhere in the core).
+
+    With ``discard`` (a caller that never reads the members where ``pred`` is False),
+    those members are left unspecified when some member needs ``true_fn``: its results
+    for the whole batch, without running ``false_fn`` or the per-member select (a full
+    pass over every cell-sized output).
     """
     if isinstance(pred, (bool, np.bool_)):
         return true_fn(*operands) if pred else false_fn(*operands)
@@ -191,6 +197,8 @@ def cond_any(pred, true_fn, false_fn, *operands, chunk: int | None = None):
             return out, jax.tree_util.tree_map(lambda _: True, out)
 
         def both():
+            if discard:
+                return run(true_fn)
             a, b = run(true_fn), run(false_fn)
             return jax.tree_util.tree_map(
                 lambda x, y: jnp.where(pred.reshape((-1,) + (1,) * (x.ndim - 1)), x, y), a, b
