@@ -610,7 +610,8 @@ with _slp_vectorized():
             G, n = _ffi_array(f[9], 0, like).shape
             C = out.shape[0]
             R = C // G
-            t = _aligned_rows(np.zeros(n * _SMOOTH_BLOCK + _SMOOTH_ALIGN, out.dtype), n)
+            room = _SMOOTH_ALIGN // out.itemsize  # elements, for the shift to the boundary
+            t = _aligned_rows(np.zeros(n * _SMOOTH_BLOCK + room, out.dtype), n)
             for c0 in range(0, C, _SMOOTH_BLOCK):
                 w = min(_SMOOTH_BLOCK, C - c0)
                 for b in range(w):
