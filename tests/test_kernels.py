@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import sparse
@@ -170,7 +170,7 @@ def test_smooth_copy_rows_start_on_cache_line_pairs(dtype):
         for extra in range(0, 96, 8):  # shift the buffer's start by 0..88 bytes
             raw = np.zeros(n * 16 + 256 // np.dtype(dtype).itemsize + extra, dtype)
             buf = raw[extra // np.dtype(dtype).itemsize :]
-            t = host_kernels._aligned_rows(buf, n)
+            t = host_kernels._aligned_rows(buf, n, 16)
             assert t.shape == (n, 16) and t.dtype == dtype and t.flags.c_contiguous
             assert t.ctypes.data % host_kernels._SMOOTH_ALIGN == 0
             assert np.shares_memory(t, raw)
@@ -354,8 +354,12 @@ def test_smooth_buckets_vmap_match_scipy(max_buckets):
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 400), genes=st.integers(1, 13),
        parts=st.integers(1, 4), f32=st.booleans(), max_buckets=st.integers(1, 6))  # fmt: skip
+@example(seed=3, n=57, genes=10, parts=2, f32=False, max_buckets=6)  # 16 + a 4-wide tail
+@example(seed=4, n=90, genes=9, parts=4, f32=True, max_buckets=3)  # 32 + a 4-wide tail
+@example(seed=5, n=33, genes=13, parts=1, f32=False, max_buckets=2)  # 16 wide, not 8
 def test_smooth_host_kernel_matches_scipy_and_xla(seed, n, genes, parts, f32, max_buckets):
-    """The CPU custom call (16-column blocks, any remainder; a bucket's rows in pairs, an
+    """The CPU custom call (16-column blocks, any remainder -- a last block of 1-8 columns
+    in the 8-wide kernel, of 9-15 in the 16-wide one; a bucket's rows in pairs, an
     odd last row paired with itself; the rows read from ``parts`` separate operands,
     interleaved gene-major) and the XLA loop give scipy's ``conn.dot(x.T).T`` bitwise, in
     float32 (float32 x) and float64."""

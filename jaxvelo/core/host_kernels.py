@@ -589,14 +589,54 @@ with _slp_vectorized():
             _smooth_pair(t, c0, w, rows, idx, val, out, r, min(r + 1, n - 1))
 
     @nb.njit(cache=True, nogil=True)
-    def _aligned_rows(buf, n):
-        # (n, 16) rows of buf starting on a _SMOOTH_ALIGN boundary (buf has room for it):
-        # the cells-first copy. numba aligns arrays to 32 bytes, so a 128-byte row of 16
-        # float64 spanned three 64-byte lines half the time, and every gathered neighbour
-        # row cost 50% more lines (a ~1.6x slower kernel at 3696 cells, measured alone).
+    def _smooth_pair8(t, c0, w, rows, idx, val, out, r, r2):
+        # _smooth_pair for a last block of at most 8 columns, t (cells x 8): the kernel
+        # gathers whole copied rows, and its cost goes with the cache lines it gathers
+        # (measured alone: ~equal per smoothed row for 8- and 16-wide blocks), so a tail of
+        # 1-8 rows in the 16-wide kernel cost as much as 16 -- e.g. 20 rows (2 parts x 10
+        # genes) as 16 + 4 cost two full passes, now one and a half. Same sums, same order.
+        K = idx.shape[1]
+        a, b = val[r, 0], val[r2, 0]
+        x, y = t[idx[r, 0]], t[idx[r2, 0]]
+        # fmt: off
+        s0, s1, s2, s3 = a * x[0], a * x[1], a * x[2], a * x[3]
+        s4, s5, s6, s7 = a * x[4], a * x[5], a * x[6], a * x[7]
+        q0, q1, q2, q3 = b * y[0], b * y[1], b * y[2], b * y[3]
+        q4, q5, q6, q7 = b * y[4], b * y[5], b * y[6], b * y[7]
+        for k in range(1, K):
+            a, b = val[r, k], val[r2, k]
+            x, y = t[idx[r, k]], t[idx[r2, k]]
+            s0, s1 = s0 + a * x[0], s1 + a * x[1]
+            s2, s3 = s2 + a * x[2], s3 + a * x[3]
+            s4, s5 = s4 + a * x[4], s5 + a * x[5]
+            s6, s7 = s6 + a * x[6], s7 + a * x[7]
+            q0, q1 = q0 + b * y[0], q1 + b * y[1]
+            q2, q3 = q2 + b * y[2], q3 + b * y[3]
+            q4, q5 = q4 + b * y[4], q5 + b * y[5]
+            q6, q7 = q6 + b * y[6], q7 + b * y[7]
+        acc = (s0, s1, s2, s3, s4, s5, s6, s7)
+        acq = (q0, q1, q2, q3, q4, q5, q6, q7)
+        # fmt: on
+        i, j = rows[r], rows[r2]
+        for c in range(w):
+            out[c0 + c, i] = acc[c]
+            out[c0 + c, j] = acq[c]
+
+    @nb.njit(cache=True, nogil=True)
+    def _smooth_rows8(t, c0, w, rows, idx, val, out):
+        n = rows.shape[0]
+        for r in range(0, n, 2):
+            _smooth_pair8(t, c0, w, rows, idx, val, out, r, min(r + 1, n - 1))
+
+    @nb.njit(cache=True, nogil=True)
+    def _aligned_rows(buf, n, width):
+        # (n, width) rows of buf starting on a _SMOOTH_ALIGN boundary (buf has room for
+        # it): the cells-first copy. numba aligns arrays to 32 bytes, so a 128-byte row of
+        # 16 float64 spanned three 64-byte lines half the time, and every gathered
+        # neighbour row cost 50% more lines (a ~1.6x slower kernel at 3696 cells, alone).
         off = (_SMOOTH_ALIGN - buf.ctypes.data % _SMOOTH_ALIGN) % _SMOOTH_ALIGN
         k = off // buf.itemsize
-        return buf[k : k + n * _SMOOTH_BLOCK].reshape((n, _SMOOTH_BLOCK))
+        return buf[k : k + n * width].reshape((n, width))
 
     @nb.njit(cache=True, nogil=True)
     def _smooth_run(frame, like):
@@ -611,9 +651,11 @@ with _slp_vectorized():
             C = out.shape[0]
             R = C // G
             room = _SMOOTH_ALIGN // out.itemsize  # elements, for the shift to the boundary
-            t = _aligned_rows(np.zeros(n * _SMOOTH_BLOCK + room, out.dtype), n)
+            buf = np.zeros(n * _SMOOTH_BLOCK + room, out.dtype)
             for c0 in range(0, C, _SMOOTH_BLOCK):
                 w = min(_SMOOTH_BLOCK, C - c0)
+                narrow = w <= 8  # a last block of 1-8 rows: the 8-wide kernel
+                t = _aligned_rows(buf, n, 8 if narrow else _SMOOTH_BLOCK)
                 for b in range(w):
                     x = _ffi_array(f[9], (c0 + b) % R, like)
                     g = (c0 + b) // R
@@ -623,7 +665,10 @@ with _slp_vectorized():
                     rows = _ffi_vector(f[9], q, np.int32(0))
                     idx = _ffi_array(f[9], q + 1, np.int32(0))
                     val = _ffi_array(f[9], q + 2, np.float32(0))
-                    _smooth_rows(t, c0, w, rows, idx, val, out)
+                    if narrow:
+                        _smooth_rows8(t, c0, w, rows, idx, val, out)
+                    else:
+                        _smooth_rows(t, c0, w, rows, idx, val, out)
         return _ptr(0)
 
     @nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
