@@ -15,15 +15,12 @@ from jaxvelo.core.batch import MAX_BATCH, auto_batch_size, working_bytes
 @pytest.mark.parametrize(
     "genes, cells, workers, expected",
     [
-        # the pancreas: 34 batches of 18 (612 gene slots), not 40 of 16 (640: padding)
-        (611, 3696, 2, 18),
-        (611, 3696, 4, 16),  # 4 workers: 36 x 18 = 648 slots, more than 40 x 16
-        (600, 3696, 2, 16),  # 38 x 16 = 608 slots; 34 x 18 = 612 would be more
-        (559, 1500, 2, 16),  # its 1500-cell subset: 35 of 16 (32 x 18 = 576 is no fewer)
-        (200, 5780, 2, 15),  # 14 batches of 15, not 13 of 16 (odd) or 12 of 18 (216 slots)
+        (611, 3696, 2, 16),  # the pancreas: 40 batches of 16 (cache-resident batches)
+        (559, 1500, 2, 16),  # its 1500-cell subset: 36 of 16
+        (200, 5780, 2, 15),  # 14 batches of 15, not 13 of 16 (odd) or 16 of 16 padded
         (20, 50_000, 2, 10),  # within the budget, the same number of batches per worker
         (200, 9815, 2, 15),  # at most 24k genes x cells per batch, but 16 genes at least
-        (2000, 50_000, 2, 16),  # ... 16 genes at least (112 x 18 = 2016 slots: no fewer)
+        (2000, 50_000, 2, 16),  # ... 16 genes at least
         (2000, 200_000, 2, 3),  # the memory budget decides: 2 x 3 x 200,000 cells fit 1 GiB
         (1327, 100, 2, 64),  # few cells: wide batches (per-operation overhead)
         (1000, 500, 2, 48),  # 24k / 500 cells

@@ -119,34 +119,20 @@ def auto_batch_size(
     (:func:`memory_budget` shared by the ``workers`` batches in flight, each needing
     :func:`working_bytes`); then the fewest batches, a multiple of ``workers`` so
     that every thread has work, of equal size (rounded up to a multiple of 8 above 16 genes,
-    so that similar gene counts share compiled programs). Up to 16 genes, batches an
-    eighth above the cap are taken where they need fewer gene slots in all (less padding).
+    so that similar gene counts share compiled programs).
     """
     budget = memory_budget() if budget is None else budget
     workers = max(1, int(workers))
     fixed = working_bytes(0, n_obs, mode)  # the cell-only arrays of a batch
     per_gene = working_bytes(1, n_obs, mode) - fixed
-    fits = (budget // workers - fixed) // per_gene  # genes per batch within the budget
     cap = min(MAX_BATCH, max(WORKING_SET_MIN_GENES, WORKING_SET_GENE_CELLS // max(1, n_obs)))
-    cap = int(max(1, min(cap, fits)))
-    n_genes = max(1, n_genes)
-    n_batches = -(-n_genes // cap)
+    cap = int(max(1, min(cap, (budget // workers - fixed) // per_gene)))
+    n_batches = -(-max(1, n_genes) // cap)
     n_batches = -(-n_batches // workers) * workers
-    size = -(-n_genes // n_batches)
+    size = -(-max(1, n_genes) // n_batches)
     if size > 16:
-        return min(-(-size // 8) * 8, cap)
-    # A padded gene slot costs as much as a gene (it fits a copy of one), so where batches
-    # an eighth above the cap (within the budget) need fewer slots in all, take them: the
-    # 3696-cell pancreas's 611 genes as 34 batches of 18 (612 slots) instead of 40 of 16
-    # (640: 4.5% more work). Only that one larger size, so that a cell count still maps to
-    # at most two compiled programs whatever the gene count.
-    hi = int(min(MAX_BATCH, fits, cap + cap // 8))
-    if hi > size:
-        nb_hi = -(-n_genes // hi)
-        nb_hi = -(-nb_hi // workers) * workers
-        if nb_hi * hi < n_batches * size:
-            return hi
-    return max(1, size)
+        size = -(-size // 8) * 8
+    return max(1, min(size, cap))
 
 
 def cache_dir() -> Path | None:
