@@ -94,3 +94,30 @@ def test_cache_limit_environment(monkeypatch):
     assert batch.cache_limit() == 5 << 30
     monkeypatch.delenv("JAXVELO_CACHE_MAX")
     assert batch.cache_limit() == batch.DEFAULT_CACHE_LIMIT
+
+
+def test_programs_lower_with_one_frame_locations(monkeypatch):
+    """The fit program is lowered with one source frame per operation, not JAX's default
+    full call stack (a larger module for the lowering and XLA to build and parse)."""
+    import jax
+    import jax.numpy as jnp
+    from jax._src import config as jax_config
+
+    def lowered_text():
+        def nested(x):  # a fresh function each time: JAX caches lowerings per function
+            return jnp.sin(x) * 2
+
+        def f(x):
+            return nested(x) + 1
+
+        return jax.jit(f).lower(jnp.ones(3)).as_text(debug_info=True)
+
+    monkeypatch.delenv("JAX_INCLUDE_FULL_TRACEBACKS_IN_LOCATIONS", raising=False)
+    with jax_config.include_full_tracebacks_in_locations(True):
+        assert "callsite(" in lowered_text()  # JAX's default records call stacks
+        with batch._one_frame_locations():
+            short = lowered_text()
+        assert "callsite(" not in short and "test_batch.py" in short  # the user frame stays
+        monkeypatch.setenv("JAX_INCLUDE_FULL_TRACEBACKS_IN_LOCATIONS", "1")
+        with batch._one_frame_locations():  # an explicit setting is left in charge
+            assert "callsite(" in lowered_text()

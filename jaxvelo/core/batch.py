@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import os
@@ -250,10 +251,32 @@ def _cached_program(key, d, cfg, has_nbrs, init_vals, gd, nb, ld) -> Callable:
         except Exception:  # a stale or truncated entry: recompile and overwrite
             pass
     args = (gd, nb, ld) if d == 0 else jax.device_put((gd, nb, ld), device)
-    fn = _program(cfg, has_nbrs, init_vals).lower(*args).compile()
+    with _one_frame_locations():
+        lowered = _program(cfg, has_nbrs, init_vals).lower(*args)
+    fn = lowered.compile()
     if path is not None:
         _store(path, fn)
     return fn
+
+
+def _one_frame_locations():
+    """Lower with one source frame per operation instead of its whole Python call stack.
+
+    JAX's default (``jax_include_full_tracebacks_in_locations``) records every
+    operation's call stack (up to 100 frames) in the StableHLO's locations, which the
+    lowering builds and XLA then parses and keeps in the program. With one frame (the
+    user frame, still in the compiled program's metadata) the 3696-cell pancreas program
+    lowered and compiled ~1 s faster (first run 48.98 -> 47.28 s, interleaved; 54.0 ->
+    45.9 s in a noisier pair) and its serialised form went from 5.9 to 5.0 MB. An explicit
+    ``JAX_INCLUDE_FULL_TRACEBACKS_IN_LOCATIONS`` in the environment is left in charge."""
+    if "JAX_INCLUDE_FULL_TRACEBACKS_IN_LOCATIONS" in os.environ:
+        return contextlib.nullcontext()
+    try:
+        from jax._src import config as jax_config
+
+        return jax_config.include_full_tracebacks_in_locations(False)
+    except (ImportError, AttributeError, TypeError):  # not in this JAX version
+        return contextlib.nullcontext()
 
 
 DEFAULT_CACHE_LIMIT = 2 << 30  # bytes on disk; least recently used programs go first
