@@ -590,11 +590,14 @@ with _slp_vectorized():
 
     @nb.njit(cache=True, nogil=True)
     def _smooth_pair8(t, c0, w, rows, idx, val, out, r, r2):
-        # _smooth_pair for a last block of at most 8 columns, t (cells x 8): the kernel
-        # gathers whole copied rows, and its cost goes with the cache lines it gathers
-        # (measured alone: ~equal per smoothed row for 8- and 16-wide blocks), so a tail of
-        # 1-8 rows in the 16-wide kernel cost as much as 16 -- e.g. 20 rows (2 parts x 10
-        # genes) as 16 + 4 cost two full passes, now one and a half. Same sums, same order.
+        # _smooth_pair for a last block of at most 8 columns, t (cells x 8). The kernels
+        # gather whole copied rows and their cost goes with the cache lines gathered, so
+        # a tail of 1-8 rows cost a full 16-wide pass (e.g. 20 rows, 2 parts x 10 genes,
+        # as 16 + 4); here it gathers one line per neighbour instead of two (per smoothed
+        # row this kernel costs ~1.5x the 16-wide one at 3696 cells, measured alone: a
+        # full block stays 16 wide). Same sums in the same order. A separate copy of the
+        # 16-wide code because each width needs its own fixed set of accumulators, which
+        # the SLP vectorizer packs into registers.
         K = idx.shape[1]
         a, b = val[r, 0], val[r2, 0]
         x, y = t[idx[r, 0]], t[idx[r2, 0]]
