@@ -582,13 +582,6 @@ with _slp_vectorized():
             out[c0 + c, j] = acq[c]
 
     @nb.njit(cache=True, nogil=True)
-    def _smooth_rows(t, c0, w, rows, idx, val, out):
-        # one degree bucket, its rows two at a time (an odd last row paired with itself)
-        n = rows.shape[0]
-        for r in range(0, n, 2):
-            _smooth_pair(t, c0, w, rows, idx, val, out, r, min(r + 1, n - 1))
-
-    @nb.njit(cache=True, nogil=True)
     def _smooth_pair8(t, c0, w, rows, idx, val, out, r, r2):
         # _smooth_pair for a last block of at most 8 columns, t (cells x 8). The kernels
         # gather whole copied rows and their cost goes with the cache lines gathered, so
@@ -626,10 +619,16 @@ with _slp_vectorized():
             out[c0 + c, j] = acq[c]
 
     @nb.njit(cache=True, nogil=True)
-    def _smooth_rows8(t, c0, w, rows, idx, val, out):
+    def _smooth_rows(t, c0, w, rows, idx, val, out):
+        # one degree bucket, its rows two at a time (an odd last row paired with itself),
+        # in the kernel of the copy's width (8 for a last block of 1-8 rows, else 16)
         n = rows.shape[0]
+        narrow = t.shape[1] == 8
         for r in range(0, n, 2):
-            _smooth_pair8(t, c0, w, rows, idx, val, out, r, min(r + 1, n - 1))
+            if narrow:
+                _smooth_pair8(t, c0, w, rows, idx, val, out, r, min(r + 1, n - 1))
+            else:
+                _smooth_pair(t, c0, w, rows, idx, val, out, r, min(r + 1, n - 1))
 
     @nb.njit(cache=True, nogil=True)
     def _aligned_rows(buf, n, width):
@@ -657,8 +656,8 @@ with _slp_vectorized():
             buf = np.zeros(n * _SMOOTH_BLOCK + room, out.dtype)
             for c0 in range(0, C, _SMOOTH_BLOCK):
                 w = min(_SMOOTH_BLOCK, C - c0)
-                narrow = w <= 8  # a last block of 1-8 rows: the 8-wide kernel
-                t = _aligned_rows(buf, n, 8 if narrow else _SMOOTH_BLOCK)
+                # a last block of 1-8 rows: an 8-wide copy (and kernel, see _smooth_pair8)
+                t = _aligned_rows(buf, n, 8 if w <= 8 else _SMOOTH_BLOCK)
                 for b in range(w):
                     x = _ffi_array(f[9], (c0 + b) % R, like)
                     g = (c0 + b) // R
@@ -668,10 +667,7 @@ with _slp_vectorized():
                     rows = _ffi_vector(f[9], q, np.int32(0))
                     idx = _ffi_array(f[9], q + 1, np.int32(0))
                     val = _ffi_array(f[9], q + 2, np.float32(0))
-                    if narrow:
-                        _smooth_rows8(t, c0, w, rows, idx, val, out)
-                    else:
-                        _smooth_rows(t, c0, w, rows, idx, val, out)
+                    _smooth_rows(t, c0, w, rows, idx, val, out)
         return _ptr(0)
 
     @nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
