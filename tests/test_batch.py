@@ -30,7 +30,25 @@ from jaxvelo.core.batch import MAX_BATCH, auto_batch_size, working_bytes
     ],
 )
 def test_auto_batch_size(genes, cells, workers, expected):
-    assert auto_batch_size(genes, cells, workers, budget=1 << 30) == expected
+    assert auto_batch_size(genes, cells, workers, budget=1 << 30, platform="cpu") == expected
+
+
+@pytest.mark.parametrize(
+    "genes, cells, workers, expected",
+    [
+        (612, 3696, 1, 312),  # the pancreas on one GPU: 2 batches (1 GiB / 1.9 MB per gene)
+        (612, 3696, 2, 160),  # two devices: 4 batches, 2 each
+        (1327, 100, 1, 1327),  # scVelo's 100-cell fixture: one batch
+        (20, 50_000, 1, 20),  # 50,000 cells: 20 genes fit one batch
+        (2000, 50_000, 1, 39),  # the budget decides
+    ],
+)
+def test_auto_batch_size_off_the_cpu(genes, cells, workers, expected):
+    # GPU: no MAX_BATCH / working-set cap (those keep CPU batches cache-resident), only the
+    # memory budget, so the fewest batches run
+    b = auto_batch_size(genes, cells, workers, budget=1 << 30, platform="gpu")
+    assert b == expected
+    assert workers * working_bytes(b, cells) <= 1 << 30
 
 
 @pytest.mark.parametrize("mode", ["exact", "gradient"])
@@ -39,7 +57,7 @@ def test_auto_batch_size(genes, cells, workers, expected):
 @pytest.mark.parametrize("workers", [1, 2, 16])
 def test_auto_batch_size_respects_the_budget(mode, budget, cells, workers):
     for genes in (1, 7, 64, 611, 5000):
-        b = auto_batch_size(genes, cells, workers, mode, budget=budget)
+        b = auto_batch_size(genes, cells, workers, mode, budget=budget, platform="cpu")
         assert 1 <= b <= min(MAX_BATCH, genes)
         if b > 1:  # one gene per batch is the floor, whatever the budget
             assert workers * working_bytes(b, cells, mode) <= budget

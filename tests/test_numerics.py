@@ -302,6 +302,56 @@ def test_xla_rewrites_are_blocked(dtype):
     assert_bitwise(jax.jit(lambda a: nm.true_divide(a, 3.0))(a), a / dtype(3.0))
 
 
+@pytest.mark.parametrize("route", ["native", "float64"])
+def test_divide_is_correctly_rounded_either_way(route, monkeypatch):
+    # float32 quotients as numpy computes them, whether left to the backend (CPU) or taken
+    # in float64 and rounded once (every other backend: XLA:GPU's float32 division is
+    # div.full.f32, up to 2 ulp off). Python scalars are cast to float32 first (NEP 50).
+    monkeypatch.setenv("JAXVELO_F32_DIVISION", route)
+    rng = np.random.default_rng(21)
+    bits = rng.integers(0x20000000, 0x5F000000, (2, 20000), dtype=np.int64)  # 2**-63..2**63
+    a, b = bits.astype(np.uint32).view(np.float32)
+    a = a * np.where(rng.random(a.shape) < 0.5, np.float32(-1), np.float32(1))
+    q = np.asarray(jax.jit(nm.divide)(a, b))
+    want = a / b
+    normal = np.abs(want) >= np.finfo(np.float32).tiny  # XLA:CPU flushes subnormals
+    assert_bitwise(q[normal], want[normal])
+    assert normal.mean() > 0.99
+    assert_bitwise(jax.jit(lambda x: nm.divide(0.05, x))(b), np.float32(0.05) / b)
+    assert_bitwise(jax.jit(lambda x: nm.divide(x, 2))(a), a / 2)
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1.0], np.float32)
+    with np.errstate(all="ignore"):
+        assert_bitwise(jax.jit(nm.divide)(specials[:, None], specials[None, :]),
+                       specials[:, None] / specials[None, :])  # fmt: skip
+    x64 = rng.standard_normal(100)
+    assert_bitwise(jax.jit(nm.divide)(x64, x64[::-1]), x64 / x64[::-1])  # float64: plain
+
+
+def test_division_route_environment(monkeypatch):
+    monkeypatch.setenv("JAXVELO_F32_DIVISION", "float64")
+    assert not nm.native_f32_division()
+    monkeypatch.setenv("JAXVELO_F32_DIVISION", "native")
+    assert nm.native_f32_division()
+    monkeypatch.delenv("JAXVELO_F32_DIVISION")
+    assert nm.native_f32_division() == (jax.default_backend() == "cpu")
+    monkeypatch.setenv("JAXVELO_F32_DIVISION", "fast")
+    with pytest.raises(ValueError, match="JAXVELO_F32_DIVISION"):
+        nm.native_f32_division()
+
+
+def test_round32_survives_the_fit_programs_compiler_options():
+    # round32 is a float64 -> float32 -> float64 convert pair. XLA:GPU folds such pairs to
+    # their input when excess precision is allowed (its default); the fit program is
+    # compiled without it (batch.COMPILER_OPTIONS). On CPU this holds either way; on a GPU
+    # it is the check that upstream's float32 roundings are still computed.
+    from jaxvelo.core import batch
+
+    x = np.random.default_rng(3).standard_normal(1000) * 1e3
+    fn = jax.jit(lambda v: nm.round32(v * 1.0000001, True))
+    got = fn.lower(x).compile(compiler_options=batch.COMPILER_OPTIONS)(x)
+    assert_bitwise(got, (x * 1.0000001).astype(np.float32).astype(np.float64))
+
+
 # --------------------------------------------------------------------------------- KDE
 
 # The KDE cannot be bitwise: scipy's Cython kernel calls glibc exp and the bandwidth uses

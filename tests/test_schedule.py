@@ -151,7 +151,9 @@ def test_materialize_is_the_identity():
 def test_host_kernels_and_xla_versions_give_the_same_fit(monkeypatch, mode):
     """The CPU custom calls (adjust_increments, row sorts, smoothing, the projection's
     nearest grid point) and the XLA versions that every other backend runs give bitwise
-    the same fit of real-shaped data: simulated genes with scVelo's moments and kNN graph."""
+    the same fit of real-shaped data: simulated genes with scVelo's moments and kNN graph.
+    The third run is the GPU's lowering on CPU: XLA versions and float32 quotients taken
+    in float64 (``numerics.divide``)."""
     from jaxvelo import datasets
     from jaxvelo.core import batch
     from jaxvelo.core.em import FitConfig
@@ -162,10 +164,13 @@ def test_host_kernels_and_xla_versions_give_the_same_fit(monkeypatch, mode):
     u, s = np.asarray(a.layers["Mu"]), np.asarray(a.layers["Ms"])
     cfg = FitConfig(n_obs=a.n_obs, assignment_mode=mode)
     out = {}
-    for host in ("1", "0"):
+    for host, division in (("1", "native"), ("0", "native"), ("0", "float64")):
         monkeypatch.setenv("JAXVELO_HOST_KERNELS", host)
-        out[host] = batch.fit_genes(u, s, cfg, nbrs=nb, batch_size=3)
-    assert out["1"].keys() == out["0"].keys()
-    assert np.isfinite(out["1"]["pars"]).all()
-    for k in out["1"]:
-        np.testing.assert_array_equal(out["1"][k], out["0"][k], err_msg=k)
+        monkeypatch.setenv("JAXVELO_F32_DIVISION", division)
+        out[host, division] = batch.fit_genes(u, s, cfg, nbrs=nb, batch_size=3)
+    ref = out["1", "native"]
+    assert np.isfinite(ref["pars"]).all()
+    for variant in (("0", "native"), ("0", "float64")):
+        assert out[variant].keys() == ref.keys()
+        for k in ref:
+            np.testing.assert_array_equal(out[variant][k], ref[k], err_msg=f"{variant} {k}")

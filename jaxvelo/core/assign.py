@@ -15,7 +15,14 @@ import jax.numpy as jnp
 from jax import Array
 
 from .kinetics import linspace, solution, tau_inv
-from .numerics import all_batched, cond_any, fma_barrier, np_percentile_masked, true_divide
+from .numerics import (
+    all_batched,
+    cond_any,
+    divide,
+    fma_barrier,
+    np_percentile_masked,
+    true_divide,
+)
 from .numerics import fma_barrier as fb
 from .numerics import round32 as r32
 
@@ -314,9 +321,14 @@ def _switched(ms: ModeSwitch, ops: tuple) -> tuple[Array, Array]:
 
 
 def _sorted_gaps(x: Array, mask: Array) -> tuple[Array, Array, Array]:
-    """Sorted masked values (``+inf`` padded), ``np.diff(sorted, prepend=0)``, validity."""
+    """Sorted masked values (``+inf`` padded), ``np.diff(sorted, prepend=0)``, validity.
+
+    The gaps are float64 whatever ``x``'s dtype: numpy concatenates the Python int
+    ``prepend`` (int64) with the values, so float32 times give float64 gaps, a float64
+    percentile and float64 subtractions (utils ~137-155; the host kernel's ``_gaps``)."""
     xs = jnp.sort(jnp.where(mask, x, jnp.inf))
-    dx = jnp.diff(xs, prepend=jnp.zeros((1,), xs.dtype))
+    x64 = xs.astype(jnp.float64)
+    dx = jnp.diff(x64, prepend=jnp.zeros((1,), x64.dtype))
     valid = jnp.arange(x.shape[0]) < jnp.sum(mask)
     return xs, dx, valid
 
@@ -337,7 +349,9 @@ def _subtract_gaps(x: Array, mask: Array, xs: Array, dx: Array, big: Array) -> A
     def body(carry):
         i_prev, x_new = carry
         i = jnp.argmax(big & (pos > i_prev))
-        x_new = jnp.where(mask & (x >= xs[i]), x_new - dx[i], x_new)
+        # float32 tau_new -= float64 dti: computed in float64, rounded to float32
+        sub = (x_new.astype(dx.dtype) - dx[i]).astype(x_new.dtype)
+        x_new = jnp.where(mask & (x >= xs[i]), sub, x_new)
         return i, x_new
 
     _, x_new = jax.lax.while_loop(cond, body, (jnp.asarray(-1, pos.dtype), x))
@@ -463,7 +477,7 @@ def assign_timepoints(
                "u0": fl.alpha & fl.beta & fl.t_,
                "s0": fl.alpha & fl.beta & fl.gamma & fl.t_}  # fmt: skip
     tau, tau_ = assign_tau(u, s, alpha, beta, gamma, t_, u0_, s0_, assignment_mode, f32)
-    std_u = std_u / scaling
+    std_u = divide(std_u, scaling)
     if fl is not None:
         std_u = r32(std_u, fl.t & fl.scaling)  # float32 std_u / float32 scaling
 
@@ -486,7 +500,7 @@ def assign_timepoints(
     distx = fb(distu**2) + fb(dists**2)
     distx_ = fb(distu_**2) + fb(dists_**2)
     if fit_steady_states:
-        u_inf, s_inf = alpha / beta, alpha / gamma
+        u_inf, s_inf = divide(alpha, beta), divide(alpha, gamma)
         if fl is None:
             distx_steady = fb(true_divide(u - u_inf, std_u) ** 2) + fb(
                 true_divide(s - s_inf, std_s) ** 2

@@ -32,6 +32,7 @@ import numpy as np
 from .assign import Neighbors, use_host_kernels
 from .em import FitConfig, GeneData, GeneResult, Loaded, fit_gene
 from .gradient import GradientConfig, fit_gene_gradient
+from .numerics import native_f32_division
 
 
 def _program(cfg, has_nbrs: bool, init_vals: tuple | None) -> Callable:
@@ -111,22 +112,34 @@ def memory_budget() -> int:
 
 
 def auto_batch_size(
-    n_genes: int, n_obs: int, workers: int, mode: str = "exact", budget: int | None = None
+    n_genes: int,
+    n_obs: int,
+    workers: int,
+    mode: str = "exact",
+    budget: int | None = None,
+    platform: str | None = None,
 ) -> int:
     """Genes per batch for ``n_genes`` genes of ``n_obs`` cells on ``workers`` threads.
 
-    At most :data:`MAX_BATCH`, at most :data:`WORKING_SET_GENE_CELLS` genes x cells (but
-    :data:`WORKING_SET_MIN_GENES` genes allowed), and at most what fits the memory budget
-    (:func:`memory_budget` shared by the ``workers`` batches in flight, each needing
-    :func:`working_bytes`); then the fewest batches, a multiple of ``workers`` so
-    that every thread has work, of equal size (rounded up to a multiple of 8 above 16 genes,
-    so that similar gene counts share compiled programs).
+    On CPU (``platform``, default the default backend's): at most :data:`MAX_BATCH`, at
+    most :data:`WORKING_SET_GENE_CELLS` genes x cells (but :data:`WORKING_SET_MIN_GENES`
+    genes allowed) -- caps that keep a batch's cell arrays cache-resident -- and at most
+    what fits the memory budget (:func:`memory_budget` shared by the ``workers`` batches in
+    flight, each needing :func:`working_bytes`). Elsewhere (GPU) only the memory budget
+    caps a batch: there a batch's cost is set by its sequence of kernel launches far more
+    than by its width, so the fewest batches win (docs/benchmarks.md, GPU check). Then the
+    fewest batches, a multiple of ``workers`` so that every thread has work, of equal
+    size (rounded up to a multiple of 8 above 16 genes, so that similar gene counts share
+    compiled programs).
     """
     budget = memory_budget() if budget is None else budget
+    platform = jax.default_backend() if platform is None else platform
     workers = max(1, int(workers))
     fixed = working_bytes(0, n_obs, mode)  # the cell-only arrays of a batch
     per_gene = working_bytes(1, n_obs, mode) - fixed
-    cap = min(MAX_BATCH, max(WORKING_SET_MIN_GENES, WORKING_SET_GENE_CELLS // max(1, n_obs)))
+    cap = max(1, n_genes)
+    if platform == "cpu":
+        cap = min(MAX_BATCH, max(WORKING_SET_MIN_GENES, WORKING_SET_GENE_CELLS // max(1, n_obs)))
     cap = int(max(1, min(cap, (budget // workers - fixed) // per_gene)))
     n_batches = -(-max(1, n_genes) // cap)
     n_batches = -(-n_batches // workers) * workers
@@ -165,8 +178,8 @@ def _key(cfg, has_nbrs, init_vals, host, gd, nb, ld) -> str:
     dev = jax.devices()[0]
     parts = (
         jax.__version__, jaxlib.__version__, dev.platform, getattr(dev, "device_kind", ""),
-        _core_hash(), repr(cfg), has_nbrs, init_vals, host, _spec(gd), _spec(nb), _spec(ld),
-        repr(jax.tree_util.tree_structure(nb)),
+        _core_hash(), repr(cfg), has_nbrs, init_vals, host, native_f32_division(),
+        _spec(gd), _spec(nb), _spec(ld), repr(jax.tree_util.tree_structure(nb)), COMPILER_OPTIONS,
     )  # fmt: skip
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
@@ -253,10 +266,18 @@ def _cached_program(key, d, cfg, has_nbrs, init_vals, gd, nb, ld) -> Callable:
     args = (gd, nb, ld) if d == 0 else jax.device_put((gd, nb, ld), device)
     with _one_frame_locations():
         lowered = _program(cfg, has_nbrs, init_vals).lower(*args)
-    fn = lowered.compile()
+    fn = lowered.compile(compiler_options=COMPILER_OPTIONS)
     if path is not None:
         _store(path, fn)
     return fn
+
+
+# XLA options of the fit program. ``xla_allow_excess_precision`` (default on) lets XLA:GPU
+# run ``SimplifyFPConversions``, which folds every convert chain ``f64 -> f32 -> f64`` to its
+# input: it erased :func:`~jaxvelo.core.numerics.round32`, the emulation of upstream's
+# float32 operations, and with it the agreement with scVelo on the H200 (XLA:CPU runs that
+# pass only for oneDNN rewrites; its programs are unchanged, bit for bit).
+COMPILER_OPTIONS = {"xla_allow_excess_precision": False}
 
 
 def _one_frame_locations():

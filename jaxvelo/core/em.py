@@ -24,6 +24,7 @@ from .nelder_mead import nm_consume, nm_init, nm_options, nm_propose
 from .numerics import (
     compact,
     cond_any,
+    divide,
     fma_barrier,
     np_mean,
     np_percentile,
@@ -697,7 +698,7 @@ def _initial_values(gd: GeneData, cfg: FitConfig, init_vals):
     std_u = jnp.where(degenerate, 1, std_u).astype(std_u.dtype)
     std_s = jnp.where(degenerate, 1, std_s).astype(std_s.dtype)
     if isinstance(cfg.fit_scaling, bool):
-        scaling = std_u / std_s if cfg.fit_scaling else jnp.ones((), u.dtype)
+        scaling = divide(std_u, std_s) if cfg.fit_scaling else jnp.ones((), u.dtype)
     else:
         scaling = jnp.asarray(cfg.fit_scaling, u.dtype)
     u_ws = jnp.where(valid, true_divide(u_w, scaling), 0)
@@ -708,11 +709,11 @@ def _initial_values(gd: GeneData, cfg: FitConfig, init_vals):
     prior_w, _ = compact(gd.prior, w)
     weights_g = weights_s | (valid & prior_w.astype(bool))
     cu, cs = weights_g * u_ws, weights_g * s_w
-    gamma = pairwise_sum(cs * cu, nw) / pairwise_sum(cs**2, nw) + 1e-6
+    gamma = divide(pairwise_sum(cs * cu, nw), pairwise_sum(cs**2, nw)) + 1e-6
     gamma = jnp.where(
-        gamma < 0.05 / scaling,
+        gamma < divide(0.05, scaling),
         gamma * 1.2,
-        jnp.where(gamma > 1.5 / scaling, true_divide(gamma, 1.2), gamma),
+        jnp.where(gamma > divide(1.5, scaling), true_divide(gamma, 1.2), gamma),
     )
     u_inf = np_mean(*compact(u_ws, weights_u | weights_s))
     s_inf = np_mean(*compact(s_w, weights_s))
@@ -730,9 +731,9 @@ def _initial_values(gd: GeneData, cfg: FitConfig, init_vals):
     steady_s = jnp.where(ok, means_s[1], 0)
 
     bimodal = pval_steady < 1e-3
-    u_inf_b = (u_inf + steady_u.astype(u_inf.dtype)) / 2
+    u_inf_b = divide(u_inf + steady_u.astype(u_inf.dtype), 2)
     alpha_b = gamma * s_inf
-    beta_b = alpha_b / u_inf_b
+    beta_b = divide(alpha_b, u_inf_b)
     u_inf = jnp.where(bimodal, u_inf_b, u_inf)
     alpha = jnp.where(bimodal, alpha_b, alpha)
     beta = jnp.where(bimodal, beta_b, beta)

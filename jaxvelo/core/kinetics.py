@@ -13,9 +13,9 @@ import numpy as np
 from jax import Array
 
 from .npmath import np_exp32, np_log32
+from .numerics import divide, true_divide, where_lazy
 from .numerics import fma_barrier as fb
 from .numerics import round32 as _r32
-from .numerics import true_divide, where_lazy
 
 
 def _exp(x: Array) -> Array:
@@ -35,7 +35,7 @@ def invert(x: Array) -> Array:
 
     Port of ``scvelo.core._arithmetic.invert``: ``1 / x * (x != 0)`` gives ``inf * 0 = nan``.
     """
-    return jnp.where(x != 0, 1 / x, jnp.nan).astype(jnp.result_type(x, 1.0))
+    return jnp.where(x != 0, divide(1, x), jnp.nan).astype(jnp.result_type(x, 1.0))
 
 
 def clipped_log(
@@ -56,14 +56,14 @@ def clipped_log(
 def unspliced(tau: Array, u0: Array, alpha: Array, beta: Array) -> Array:
     """Unspliced abundance at ``tau`` (``_em_model_utils.unspliced``)."""
     expu = _exp(-beta * tau)
-    return fb(u0 * expu) + fb(alpha / beta * (1 - expu))
+    return fb(u0 * expu) + fb(divide(alpha, beta) * (1 - expu))
 
 
 def spliced(tau: Array, s0: Array, u0: Array, alpha: Array, beta: Array, gamma: Array) -> Array:
     """Spliced abundance at ``tau`` (``_em_model_utils.spliced``)."""
     c = (alpha - fb(u0 * beta)) * invert(gamma - beta)
     expu, exps = _exp(-beta * tau), _exp(-gamma * tau)
-    return fb(s0 * exps) + fb(alpha / gamma * (1 - exps)) + fb(c * (exps - expu))
+    return fb(s0 * exps) + fb(divide(alpha, gamma) * (1 - exps)) + fb(c * (exps - expu))
 
 
 def solution(
@@ -92,12 +92,16 @@ def solution(
     # fb(): no fused multiply-add where numpy rounds the product (XLA contracts a*b + c)
     expu = _exp(-beta * t)
     exps = _exp(-gamma * t)
-    u = fb(u0 * expu) + fb(_r32(alpha / beta, on(a & b)) * (1 - expu))
+    u = fb(u0 * expu) + fb(_r32(divide(alpha, beta), on(a & b)) * (1 - expu))
     gb = on(g & b)
     inv = _r32(invert(_r32(gamma - beta, gb)), gb)
     u0b = _r32(u0 * beta, on(fu0 & b))
     c = _r32(_r32(alpha - fb(u0b), on(a & fu0 & b)) * inv, on(a & fu0 & g & b))
-    s = fb(s0 * exps) + fb(_r32(alpha / gamma, on(a & g)) * (1 - exps)) + fb(c * (exps - expu))
+    s = (
+        fb(s0 * exps)
+        + fb(_r32(divide(alpha, gamma), on(a & g)) * (1 - exps))
+        + fb(c * (exps - expu))
+    )
     return u, s
 
 
@@ -128,16 +132,16 @@ def tau_inv(
     # the arrays u and s themselves are float32 upstream (float32 u / float32 scaling)
     u32, s32 = f.get("u32", False), f.get("s32", False)
     on = (lambda flag: flag) if f else (lambda flag: None)
-    uinf = _r32(alpha / beta, on(a & b))
+    uinf = _r32(divide(alpha, beta), on(a & b))
     q32 = u32 & a & b & fu0  # every operand of (u - uinf) / (u0 - uinf) is float32
     num_u = _r32(u - uinf, on(u32 & a & b))
     q = _r32(true_divide(num_u, _r32(u0 - uinf, on(fu0 & a & b))), on(q32))
     if s is None or gamma is None:
-        return _r32(_r32(-1 / beta, on(b)) * clipped_log(q, f32=on(q32)), on(q32 & b))
+        return _r32(_r32(divide(-1, beta), on(b)) * clipped_log(q, f32=on(q32)), on(q32 & b))
     gb, ag, abg = g & b, a & g, a & b & g
     beta_ = _r32(beta * _r32(invert(_r32(gamma - beta, on(gb))), on(gb)), on(gb))
-    prod = fb(_r32(beta_ * _r32(alpha / beta, on(a & b)), on(abg)))
-    xinf = _r32(_r32(alpha / gamma, on(ag)) - prod, on(abg))
+    prod = fb(_r32(beta_ * _r32(divide(alpha, beta), on(a & b)), on(abg)))
+    xinf = _r32(_r32(divide(alpha, gamma), on(ag)) - prod, on(abg))
     prod0 = fb(_r32(beta_ * u0, on(gb & fu0)))
     den = _r32(_r32(s0 - prod0, on(gb & fu0 & fs0)) - xinf, on(abg & fu0 & fs0))
     n32 = s32 & u32 & gb
@@ -148,8 +152,8 @@ def tau_inv(
     # branch's log bit for bit (both share clipped_log's bounds), at half the cost.
     use_u = gamma >= beta
     log = clipped_log(jnp.where(use_u, q, q_us), f32=on(jnp.where(use_u, q32, d32)))
-    tau_u = _r32(_r32(-1 / beta, on(b)) * log, on(q32 & b))
-    tau_us = _r32(_r32(-1 / gamma, on(g)) * log, on(d32 & g))
+    tau_u = _r32(_r32(divide(-1, beta), on(b)) * log, on(q32 & b))
+    tau_us = _r32(_r32(divide(-1, gamma), on(g)) * log, on(d32 & g))
     return jnp.where(use_u, tau_u, tau_us)
 
 

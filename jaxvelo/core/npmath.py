@@ -67,7 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxvelo.core.numerics import fma_barrier
+from jaxvelo.core.numerics import divide, fma_barrier
 
 __all__ = ["fma32", "np_exp32", "np_log32", "numpy_kernel_info", "numpy_matches_npmath"]
 
@@ -292,7 +292,7 @@ def _exp_kernel(xbits: jax.Array) -> jax.Array:
     den = fma32(_EXP_Q[2], x, _EXP_Q[1])
     den = fma32(den, x, _EXP_Q[0])
     # poly = _mm512_div_ps(num_poly, denom_poly);   (elementwise, correctly rounded)
-    poly = num / den
+    poly = divide(num, den)
     # poly = avx512_scalef_ps(poly, quadrant);
     out = _scalef_bits(poly, quadrant)
     # poly = set_masked_lanes(poly, NPY_NANF, nan_mask); (.., inf, xmax_mask); (.., 0, xmin_mask)
@@ -344,7 +344,7 @@ def _log_kernel(xbits: jax.Array) -> jax.Array:
     for k in (3, 2, 1, 0):
         den = fma32(den, x, _LOG_Q[k])
     # poly = _mm512_div_ps(num_poly, denom_poly); poly = fmadd(exponent, loge2, poly);
-    poly = fma32(exponent, _LOGE2, num / den)
+    poly = fma32(exponent, _LOGE2, divide(num, den))
     out = lax.bitcast_convert_type(poly, jnp.int32)
     # poly = set_masked_lanes(poly, nan, nan_mask); (.., neg_nan, negx_mask);
     #        (.., neg_inf, zero_mask); (.., inf, inf_mask);

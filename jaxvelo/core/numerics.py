@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -278,6 +279,45 @@ def _compacted(size: int, chunk: int, pred, fn, base, ops, batched):
     return lax.fori_loop(0, (count + chunk - 1) // chunk, body, base)
 
 
+def native_f32_division() -> bool:
+    """Whether float32 divisions are left to the backend or computed in float64.
+
+    numpy's float32 quotient is correctly rounded. XLA:CPU's is too, but XLA:GPU lowers
+    float32 division to PTX ``div.full.f32`` (it sets ``-nvptx-prec-divf32=1``; up to 2 ulp
+    off), so elsewhere than on CPU :func:`divide` takes the float64 quotient of the two
+    float32 operands and rounds it once to float32 -- the correctly rounded result, as
+    double rounding is innocuous for division (53 >= 2 * 24 + 2). On the H200 this decided
+    56 of 612 pancreas genes (docs/benchmarks.md, "GPU"). ``JAXVELO_F32_DIVISION=float64``
+    (or ``native``) overrides the choice, e.g. to run the GPU's program on CPU in tests.
+    """
+    env = os.environ.get("JAXVELO_F32_DIVISION", "").strip().lower()
+    if env in ("float64", "native"):
+        return env == "native"
+    if env:
+        raise ValueError(f"JAXVELO_F32_DIVISION must be 'native' or 'float64', got {env!r}")
+    return jax.default_backend() == "cpu"
+
+
+def divide(a, b) -> jax.Array:
+    """``a / b`` with numpy's correctly rounded float32 quotient on every backend.
+
+    float64 (and float32 on CPU) is plain ``a / b``; a float32 quotient elsewhere is the
+    float64 quotient rounded once (:func:`native_f32_division`). Operands are first cast to
+    the result dtype, as NEP 50 does with Python scalars (``0.05 / float32`` is float32).
+    """
+    dtype = jnp.result_type(a, b)
+    if dtype != jnp.float32 or native_f32_division():
+        return a / b
+    # The operands pass fma_barrier: LLVM's InstCombine folds ``fptrunc(fdiv(fpext a, fpext
+    # b))`` back to a float32 ``fdiv`` (exact for IEEE division, so legal), which NVPTX then
+    # lowers to div.full.f32 again; with the selects in between the quotient stays float64
+    # (XLA:CPU's optimised LLVM IR: ``fdiv <8 x float>`` without them, ``<8 x double>`` with).
+    f64 = jnp.float64
+    a64 = fma_barrier(jnp.asarray(a, dtype).astype(f64))
+    b64 = fma_barrier(jnp.asarray(b, dtype).astype(f64))
+    return (a64 / b64).astype(dtype)
+
+
 def true_divide(a: jax.Array, b: jax.Array | float) -> jax.Array:
     """``a / b`` with IEEE division even when ``b`` is a broadcast scalar.
 
@@ -299,7 +339,7 @@ def true_divide(a: jax.Array, b: jax.Array | float) -> jax.Array:
     a = jnp.asarray(a)
     dtype = jnp.result_type(a, b)
     a, b = jnp.broadcast_arrays(a.astype(dtype), jnp.asarray(b, dtype))
-    return a / jnp.where(a != a, jnp.ones((), dtype), b)
+    return divide(a, jnp.where(a != a, jnp.ones((), dtype), b))
 
 
 def _f64() -> type:
@@ -981,6 +1021,6 @@ def bimodality_from_kde(kde: jax.Array, grid: jax.Array) -> tuple[jax.Array, jax
     p_val = jax.scipy.stats.norm.sf(t_stat)
 
     # means: float32 + float32 then / 2 (Python int, NEP 50) in the grid dtype.
-    m0 = (grid[peak_0] + grid[jnp.minimum(peak_0 + 1, idx - 1)]) / 2
-    m1 = (grid[idx + peak_1] + grid[idx + jnp.minimum(peak_1 + 1, n_tail - 1)]) / 2
+    m0 = divide(grid[peak_0] + grid[jnp.minimum(peak_0 + 1, idx - 1)], 2)
+    m1 = divide(grid[idx + peak_1] + grid[idx + jnp.minimum(peak_1 + 1, n_tail - 1)], 2)
     return t_stat, p_val, jnp.stack([m0, m1])
