@@ -210,11 +210,15 @@ def test_shapes_eager_jit_vmap():
         assert jfn(np.zeros((0, 3), np.float32)).shape == (0, 3)
 
 
+@pytest.mark.parametrize("division", ["native", "float64"])
 @pytest.mark.parametrize("log", [False, True], ids=["exp", "log"])
-def test_custom_call_and_xla_port_agree(log):
+def test_custom_call_and_xla_port_agree(log, division, monkeypatch):
     # On CPU np_exp32/np_log32 run the numba transcription (host_kernels) as a custom
     # call; other backends run the XLA port. Same bits on random patterns, the edges and
-    # the subnormal ranges, for float32 and for float64 input.
+    # the subnormal ranges, for float32 and for float64 input; the XLA port also with its
+    # float32 division taken in float64 (what a GPU runs, numerics.divide).
+    monkeypatch.setenv("JAXVELO_F32_DIVISION", division)
+    native = division == "native"
     rng = np.random.default_rng(12)
     bits = np.concatenate([rng.integers(0, 2**32, 2**18, dtype=np.uint64).astype(np.uint32),
                            np.arange(0, 2**23, 97, dtype=np.uint32),
@@ -222,8 +226,8 @@ def test_custom_call_and_xla_port_agree(log):
     x = np.concatenate([bits.view(np.float32), EDGE])
     v = np.concatenate([rng.standard_normal(4096) * 60, 2.0 ** rng.uniform(-160, -120, 4096)])
     for arg in (x, x.astype(np.float64), v):
-        host = jax.jit(lambda a: npmath._exp_log(a, log, True))(arg)
-        xla = jax.jit(lambda a: npmath._exp_log(a, log, False))(arg)
+        host = jax.jit(lambda a: npmath._exp_log(a, log, True, native))(arg)
+        xla = jax.jit(lambda a: npmath._exp_log(a, log, False, native))(arg)
         assert_bitwise(host, xla)
 
 

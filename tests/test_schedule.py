@@ -174,3 +174,34 @@ def test_host_kernels_and_xla_versions_give_the_same_fit(monkeypatch, mode):
         assert out[variant].keys() == ref.keys()
         for k in ref:
             np.testing.assert_array_equal(out[variant][k], ref[k], err_msg=f"{variant} {k}")
+
+
+def test_gpu_program_has_no_float32_division(monkeypatch):
+    """The program every non-CPU backend gets divides float32 operands only in float64
+    (``numerics.divide``): XLA:GPU's float32 division is div.full.f32, not numpy's IEEE
+    quotient. On CPU the float32 divisions stay (IEEE there), so the count is not zero."""
+    import re
+
+    from jaxvelo import datasets
+    from jaxvelo.core import batch
+    from jaxvelo.core.em import FitConfig, GeneData
+
+    a = datasets.simulated(200, 2, seed=3)
+    conn = a.obsp["connectivities"].tocsr()
+    nb = batch.neighbors_from_csr(conn.indptr, conn.indices, conn.data)
+    n = a.n_obs
+    gd = GeneData(u=np.asarray(a.layers["Mu"][:, :2].T, np.float32),
+                  s=np.asarray(a.layers["Ms"][:, :2].T, np.float32),
+                  prior=np.zeros((2, n), bool))  # fmt: skip
+    f32_divides = re.compile(r"stablehlo\.divide .*: tensor<[0-9x]*f32>")
+    counts = {}
+    for host, division in (("1", "native"), ("0", "float64")):
+        monkeypatch.setenv("JAXVELO_HOST_KERNELS", host)
+        monkeypatch.setenv("JAXVELO_F32_DIVISION", division)
+        with jax.enable_x64(True):
+            nbj = jax.tree_util.tree_map(jnp.asarray, nb)
+            text = batch._program(FitConfig(n_obs=n), True, None).lower(gd, nbj, None).as_text()
+        counts[division] = len(f32_divides.findall(text))
+        assert "stablehlo.divide" in text
+    assert counts["native"] > 0
+    assert counts["float64"] == 0

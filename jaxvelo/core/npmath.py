@@ -54,8 +54,12 @@ multiply-add, every other intrinsic one IEEE float32 operation:
 
 Verification (numpy 2.4.6, AVX512 CPU, XLA:CPU, jax 0.10.2): all 2**32 float32 bit patterns
 through both functions, no differing bit (NaN sign and payload, signed zeros and
-subnormals included).  GPU backends were not checked; ``tests/test_npmath.py`` is the check
-to run there.
+subnormals included).  On an H200 (XLA:GPU, jax 0.11.2) ~26% of exp and ~0.5% of log
+results differed (docs/benchmarks.md, "GPU"): XLA:GPU's float32 division is not IEEE, now
+taken in float64 (:func:`~jaxvelo.core.numerics.divide`), and with excess precision allowed
+(XLA's default) XLA:GPU folds the float64 -> float32 -> float64 pairs between :func:`fma32`
+calls, so programs using these functions are compiled without it (the fit program is).
+``tests/test_npmath.py`` is the check to rerun there.
 
 Requires ``jax_enable_x64`` (the FMA emulation needs float64 and int64).
 """
@@ -67,7 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxvelo.core.numerics import divide, fma_barrier
+from jaxvelo.core.numerics import divide, fma_barrier, native_f32_division
 
 __all__ = ["fma32", "np_exp32", "np_log32", "numpy_kernel_info", "numpy_matches_npmath"]
 
@@ -372,7 +376,10 @@ def _host_call(x: jax.Array, log: bool) -> jax.Array:
     return call(x.reshape(-1), jnp.full((1,), int(log), jnp.int32)).reshape(x.shape)
 
 
-def _exp_log(x: jax.Array, log: bool, host: bool) -> jax.Array:
+def _exp_log(x: jax.Array, log: bool, host: bool, native_div: bool) -> jax.Array:
+    # native_div (numerics.native_f32_division(), which divide() reads while tracing) is a
+    # static argument only so that the jit cache keeps one trace per lowering choice
+    del native_div
     if host:
         return _host_call(x, log)
     return _apply(_log_kernel if log else _exp_kernel, x)
@@ -385,7 +392,7 @@ def _exp_log(x: jax.Array, log: bool, host: bool) -> jax.Array:
 # 56-gene program); arrays stay in XLA, whose vectorised emulation is faster than the
 # scalar numba loop (~20-35 ns per element: the cells' log in tau_inv cost 7% more run
 # time as a custom call). Both give numpy's bits.
-_exp_log_jit = jax.jit(_exp_log, static_argnums=(1, 2))
+_exp_log_jit = jax.jit(_exp_log, static_argnums=(1, 2, 3))
 
 
 def _host(x: jax.Array) -> bool:
@@ -395,11 +402,11 @@ def _host(x: jax.Array) -> bool:
 
 
 def _exp_jit(x: jax.Array) -> jax.Array:
-    return _exp_log_jit(x, False, _host(x))
+    return _exp_log_jit(x, False, _host(x), native_f32_division())
 
 
 def _log_jit(x: jax.Array) -> jax.Array:
-    return _exp_log_jit(x, True, _host(x))
+    return _exp_log_jit(x, True, _host(x), native_f32_division())
 
 
 def np_exp32(x: jax.Array) -> jax.Array:

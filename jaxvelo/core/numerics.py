@@ -31,8 +31,9 @@ Three XLA properties shape the code (verified on XLA:CPU, jax 0.10.2; tests guar
 Precision notes: sums, means, standard deviations, percentiles and ``np.linspace`` are
 bitwise equal to numpy for float32 and float64.  :func:`gaussian_kde_eval` is not bitwise
 (it involves ``exp``/``pow`` from glibc and a BLAS ``ddot`` whose order depends on the
-CPU), but agrees to ~1e-13 relative.  GPU backends were not available for verification;
-the bitwise tests in tests/test_numerics.py are the check to run there.  Callers must run
+CPU), but agrees to ~1e-13 relative.  On an H200 (jax 0.11.2) the pairwise sum was bitwise
+and float32 division was not (:func:`native_f32_division`); the bitwise tests in
+tests/test_numerics.py are the check to run there (docs/benchmarks.md, "GPU").  Callers must run
 under ``jax.enable_x64(True)`` (float32 statistics are divided in float64 by numpy, and the
 KDE is float64).
 """
