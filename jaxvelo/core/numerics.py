@@ -287,9 +287,10 @@ def native_f32_division() -> bool:
     float32 division to PTX ``div.full.f32`` (it sets ``-nvptx-prec-divf32=1``; up to 2 ulp
     off), so elsewhere than on CPU :func:`divide` takes the float64 quotient of the two
     float32 operands and rounds it once to float32 -- the correctly rounded result, as
-    double rounding is innocuous for division (53 >= 2 * 24 + 2). On the H200 this decided
-    56 of 612 pancreas genes (docs/benchmarks.md, "GPU"). ``JAXVELO_F32_DIVISION=float64``
-    (or ``native``) overrides the choice, e.g. to run the GPU's program on CPU in tests.
+    double rounding is innocuous for division (53 >= 2 * 24 + 2). On an H200 ~29% of
+    random float32 quotients differed from numpy's (docs/benchmarks.md, "GPU").
+    ``JAXVELO_F32_DIVISION=float64`` (or ``native``) overrides the choice, e.g. to run the
+    GPU's program on CPU in tests.
     """
     env = os.environ.get("JAXVELO_F32_DIVISION", "").strip().lower()
     if env in ("float64", "native"):
