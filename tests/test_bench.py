@@ -297,3 +297,32 @@ def test_end_to_end_with_jaxvelo(tmp_path):
     c = data["summary"][0]["concordance"]["jaxvelo"]
     assert c["n_genes_differ"] == 0 and {"pearson", "frac_within_1e6", "passed"} <= c.keys()
     assert not (out / "fits").exists()  # removed after the concordance without --keep-fits
+
+
+def test_gpu_check_gate_counts_per_gene():
+    # bench/gpu_check.py's concordance per gene: the worst relative difference over the fit
+    # columns (and fit_t when the reference has it); NaN matching NaN is agreement.
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from bench import gpu_check
+
+    genes = ["g0", "g1", "g2", "g3"]
+    ref_var = np.array([[1.0, 2.0], [1.0, np.nan], [3.0, 4.0], [5.0, 6.0]])
+    got_var = ref_var.copy()
+    got_var[2, 1] *= 1 + 1e-9  # within 1e-6, not bitwise
+    got_var[3, 0] *= 1 + 1e-3  # beyond
+    var = pd.DataFrame(got_var, index=genes, columns=["fit_alpha", "fit_beta"])
+    adata = ad.AnnData(np.zeros((3, 4), np.float32), var=var)
+    t = np.arange(12.0).reshape(3, 4) + 1
+    adata.layers["fit_t"] = t
+    ref = {"genes": np.array(genes), "cols": np.array(["fit_alpha", "fit_beta"]), "var": ref_var}
+    r = gpu_check.gate(adata, ref)
+    assert r == {"genes": 4, "bitwise": 2, "within_1e-6": 3, "worst_rel": r["worst_rel"],
+                 "fitted_same": True}  # fmt: skip
+    assert abs(r["worst_rel"] - 1e-3) < 1e-12
+    t_off = t.copy()
+    t_off[1, 0] *= 1 + 1e-4  # gene g0's time moves: g0 is no longer bitwise nor within
+    r = gpu_check.gate(adata, {**ref, "fit_t": t_off})
+    assert (r["bitwise"], r["within_1e-6"]) == (1, 2)
