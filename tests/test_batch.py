@@ -139,3 +139,37 @@ def test_programs_lower_with_one_frame_locations(monkeypatch):
         monkeypatch.setenv("JAX_INCLUDE_FULL_TRACEBACKS_IN_LOCATIONS", "1")
         with batch._one_frame_locations():  # an explicit setting is left in charge
             assert "callsite(" in lowered_text()
+
+
+@pytest.mark.parametrize(
+    "n, expected",
+    [(0, 0), (1, 1), (16, 16), (17, 17), (100, 100), (150, 152), (145, 152), (1500, 1536),
+     (3696, 3712), (50_000, 51_200), (2**20, 2**20), (2**20 + 1, 2**20 + 2**16)],
+)  # fmt: skip
+def test_size_bucket(n, expected):
+    assert batch.size_bucket(n) == expected
+
+
+def test_size_bucket_pads_at_most_a_sixteenth():
+    for n in range(17, 5000):
+        b = batch.size_bucket(n)
+        assert n <= b <= n + n / 16 and batch.size_bucket(b) == b
+
+
+def test_entries_bucket():
+    # scVelo's 30 neighbours: 33-45 entries per cell -> 48 per padded cell
+    assert batch.entries_bucket(155_132, 3696, 3712) == 3712 * 48  # the pancreas
+    assert batch.entries_bucket(5064, 150, 152) == batch.entries_bucket(4838, 145, 152) == 152 * 48
+    assert batch.entries_bucket(0, 10, 10) == 120 and batch.entries_bucket(0, 0, 0) >= 1
+    assert batch.entries_bucket(20 * 100, 100, 100) == 100 * 24  # 15 neighbours
+    assert batch.entries_bucket(60 * 100, 100, 104) == 104 * 96  # 50 neighbours
+
+
+def test_cell_buckets_environment(monkeypatch):
+    monkeypatch.delenv("JAXVELO_CELL_BUCKETS", raising=False)
+    assert batch.cell_buckets()
+    monkeypatch.setenv("JAXVELO_CELL_BUCKETS", "0")
+    assert not batch.cell_buckets()
+    monkeypatch.setenv("JAXVELO_CELL_BUCKETS", "maybe")
+    with pytest.raises(ValueError, match="JAXVELO_CELL_BUCKETS"):
+        batch.cell_buckets()

@@ -17,13 +17,17 @@ import json, os, sys, time, numpy as np
 from jaxvelo import datasets
 from jaxvelo.core import batch
 from jaxvelo.core.em import FitConfig
-a = datasets.simulated(150, 4, seed=3)
+a = datasets.simulated(int(os.environ.get("N", "150")), 4, seed=3)
 u, s = np.asarray(a.layers["Mu"]), np.asarray(a.layers["Ms"])
+nb = None
+if os.environ.get("NB") == "1":
+    c = a.obsp["connectivities"].tocsr()
+    nb = batch.neighbors_from_csr(c.indptr, c.indices, c.data)
 traced = []
 orig = batch._program
 batch._program = lambda *a, **k: traced.append(1) or orig(*a, **k)
 t = time.perf_counter()
-res = batch.fit_genes(u, s, FitConfig(n_obs=a.n_obs), batch_size=int(os.environ["BS"]))
+res = batch.fit_genes(u, s, FitConfig(n_obs=a.n_obs), nb, batch_size=int(os.environ["BS"]))
 fn = next(iter(batch._MEMORY.values()))
 genes, cells = fn.args_info[0][0].u.shape
 print(json.dumps({"traced": len(traced), "seconds": time.perf_counter() - t,
@@ -52,6 +56,23 @@ def test_second_process_loads_cached_program(tmp_path):
     # the batch-size model bounds the compiled program's working memory (from a compiled and
     # from a loaded program: the same analysis)
     assert 0 < first["temp"] == second["temp"] <= first["model"]
+
+
+@pytest.mark.slow
+def test_datasets_of_one_size_bucket_share_a_program(tmp_path):
+    """Cells padded to size buckets: 150 and 145 simulated cells (both padded to 152, with
+    their kNN graphs) run one compiled program -- the second process loads the first's --
+    and the loaded program gives the second dataset's own fit, bitwise."""
+    first = _run(str(tmp_path), N="150", NB="1")
+    assert first["traced"] == 1 and len(list(tmp_path.glob("*.xla"))) == 1
+    second = _run(str(tmp_path), N="145", NB="1")
+    assert second["traced"] == 0 and len(list(tmp_path.glob("*.xla"))) == 1
+    fresh = _run("none", N="145", NB="1")
+    assert fresh["traced"] == 1
+    assert second["pars"] == fresh["pars"] and second["loss"] == fresh["loss"]
+    assert second["pars"] != first["pars"]
+    unpadded = _run("none", N="145", NB="1", JAXVELO_CELL_BUCKETS="0")
+    assert unpadded["pars"] == fresh["pars"] and unpadded["loss"] == fresh["loss"]
 
 
 @pytest.mark.slow

@@ -86,6 +86,22 @@ def test_linspace_bitwise(num, stop):
                                   np.linspace(-1, 1, num))  # fmt: skip
 
 
+@settings(max_examples=40, deadline=None)
+@given(num=st.integers(2, 500), extra=st.integers(0, 40),
+       stop=st.floats(1e-3, 1e3, allow_nan=False), f32=st.booleans())  # fmt: skip
+def test_linspace_traced_count(num, extra, stop, f32):
+    """A traced ``num`` in a longer static buffer (a padded cell axis): numpy's first
+    ``num`` points, then ``+inf``."""
+    dt = np.float32 if f32 else np.float64
+    with jax.enable_x64(True):
+        got = jax.jit(lambda n, b: kinetics.linspace(jnp.asarray(0, dt), b, n, num + extra))(
+            jnp.int32(num), jnp.asarray(stop, dt))  # fmt: skip
+    got = np.asarray(got)
+    assert got.dtype == dt and got.shape == (num + extra,)
+    np.testing.assert_array_equal(got[:num], np.linspace(dt(0), dt(stop), num))
+    assert np.all(got[num:] == np.inf)
+
+
 @pytest.mark.parametrize("mode", [None, "projection", "full_projection"])
 @pytest.mark.parametrize("seed", range(4))
 def test_assign_tau(mode, seed):
@@ -101,9 +117,9 @@ def test_assign_tau(mode, seed):
 
 
 def test_projection_grid_size():
-    assert assign._projection_grid_size(100) == 200
-    assert assign._projection_grid_size(1500) == 300
-    assert assign._projection_grid_size(3696) == 500
+    assert assign.projection_grid_size(100) == 200
+    assert assign.projection_grid_size(1500) == 300
+    assert assign.projection_grid_size(3696) == 500
 
 
 @settings(max_examples=30, deadline=None)
@@ -358,13 +374,23 @@ def _ragged_conn(n: int, seed: int) -> sparse.csr_matrix:
     return A
 
 
-@pytest.mark.parametrize("max_buckets", [1, 3, 6])
-def test_smooth_buckets_vmap_match_scipy(max_buckets):
-    conn = _ragged_conn(300, 5)
-    nb = neighbors_from_csr(conn.indptr, conn.indices, conn.data, max_buckets=max_buckets)
-    assert 1 <= len(nb.idx) <= max_buckets
-    assert sorted(np.concatenate(nb.rows).tolist()) == list(range(300))
-    res = np.random.default_rng(2).random((5, 6, 300))  # genes x rows x cells
+def _padded_csr(conn, pad: int):
+    """``conn`` with ``pad`` empty rows and columns appended (padded cells)."""
+    n = conn.shape[0] + pad
+    indptr = np.concatenate([conn.indptr, np.full(pad, conn.nnz, conn.indptr.dtype)])
+    return sparse.csr_matrix((conn.data, conn.indices, indptr), shape=(n, n))
+
+
+@pytest.mark.parametrize("pad", [0, 7])
+def test_smooth_vmap_match_scipy(pad):
+    conn = _padded_csr(_ragged_conn(300, 5), pad)
+    n = conn.shape[0]
+    nb = neighbors_from_csr(conn.indptr[: 301], conn.indices, conn.data, n_cells=n,
+                            n_entries=conn.nnz + 13)  # fmt: skip
+    assert nb.ptr.shape == (n + 1,) and nb.idx.shape == (conn.nnz + 13,)
+    assert sorted(nb.order.tolist()) == list(range(n))
+    assert np.all(np.diff(np.diff(nb.ptr)[nb.order]) >= 0)  # ascending degree
+    res = np.random.default_rng(2).random((5, 6, n))  # genes x rows x cells
     nbj = jax.tree_util.tree_map(jnp.asarray, nb)
     with jax.enable_x64(True):
         batched = jax.jit(jax.vmap(lambda r: assign.smooth(nbj, r)))(jnp.asarray(res))
@@ -375,22 +401,33 @@ def test_smooth_buckets_vmap_match_scipy(max_buckets):
         np.testing.assert_array_equal(np.asarray(single[g]), expected)
 
 
+def test_neighbors_from_csr_refuses_what_does_not_fit():
+    conn = _ragged_conn(50, 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        neighbors_from_csr(conn.indptr, conn.indices, conn.data, n_cells=49)
+    with pytest.raises(ValueError, match="do not fit"):
+        neighbors_from_csr(conn.indptr, conn.indices, conn.data, n_entries=conn.nnz - 1)
+
+
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 400), genes=st.integers(1, 13),
-       parts=st.integers(1, 4), f32=st.booleans(), max_buckets=st.integers(1, 6))  # fmt: skip
-@example(seed=3, n=57, genes=10, parts=2, f32=False, max_buckets=6)  # 16 + a 4-wide tail
-@example(seed=4, n=90, genes=9, parts=4, f32=True, max_buckets=3)  # 32 + a 4-wide tail
-@example(seed=5, n=33, genes=13, parts=1, f32=False, max_buckets=2)  # 16 wide, not 8
-def test_smooth_host_kernel_matches_scipy_and_xla(seed, n, genes, parts, f32, max_buckets):
+       parts=st.integers(1, 4), f32=st.booleans(), pad=st.integers(0, 20))  # fmt: skip
+@example(seed=3, n=57, genes=10, parts=2, f32=False, pad=0)  # 16 + a 4-wide tail
+@example(seed=4, n=90, genes=9, parts=4, f32=True, pad=5)  # 32 + a 4-wide tail
+@example(seed=5, n=33, genes=13, parts=1, f32=False, pad=1)  # 16 wide, not 8
+def test_smooth_host_kernel_matches_scipy_and_xla(seed, n, genes, parts, f32, pad):
     """The CPU custom call (16-column blocks, any remainder -- a last block of 1-8 columns
-    in the 8-wide kernel, of 9-15 in the 16-wide one; a bucket's rows in pairs, an
-    odd last row paired with itself; the rows read from ``parts`` separate operands,
-    interleaved gene-major) and the XLA loop give scipy's ``conn.dot(x.T).T`` bitwise, in
-    float32 (float32 x) and float64."""
+    in the 8-wide kernel, of 9-15 in the 16-wide one; rows in pairs of the same degree, a
+    row without a partner paired with itself, empty rows zero; the rows read from
+    ``parts`` separate operands, interleaved gene-major) and the XLA loop give scipy's
+    ``conn.dot(x.T).T`` bitwise, in float32 (float32 x) and float64, with ``pad`` empty
+    rows (padded cells) and unused entries."""
     import numba
 
-    conn = _ragged_conn(n, seed)
-    nb = neighbors_from_csr(conn.indptr, conn.indices, conn.data, max_buckets=max_buckets)
+    conn = _padded_csr(_ragged_conn(n, seed), pad)
+    n = conn.shape[0]
+    nb = neighbors_from_csr(conn.indptr, conn.indices, conn.data,
+                            n_entries=conn.nnz + 3 * pad)  # fmt: skip
     rng = np.random.default_rng(seed + 1)
     cols = genes * parts
     x = rng.random((cols, n)) ** 3 * rng.integers(0, 2, (cols, n))  # zeros too

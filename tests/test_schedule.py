@@ -176,6 +176,51 @@ def test_host_kernels_and_xla_versions_give_the_same_fit(monkeypatch, mode):
             np.testing.assert_array_equal(out[variant][k], ref[k], err_msg=f"{variant} {k}")
 
 
+@pytest.mark.parametrize("kind", ["full_projection", "load_pars", "gradient"])
+def test_padded_cells_give_the_unpadded_fit(monkeypatch, kind):
+    """Cells padded to a size bucket (here 290 -> 304: no counts, no prior, no neighbours,
+    the real count a traced value) change nothing: every output bitwise as the unpadded
+    fit -- the projection on a grid for the real count inside a longer buffer, the
+    adjust-t_ alternative's ``max(t) / len(t)``, the likelihood's ``len(u)``, loaded
+    times. The gradient mode is not padded (reverse-mode sums over cells are XLA
+    reductions whose order depends on the length: padded, its parameters moved by
+    1 ulp), so the setting leaves it unchanged too."""
+    from jaxvelo import datasets
+    from jaxvelo.core import batch
+    from jaxvelo.core.em import FitConfig, Loaded
+    from jaxvelo.core.gradient import GradientConfig
+
+    a = datasets.simulated(290, 3, seed=6)
+    assert batch.size_bucket(a.n_obs) == 304
+    conn = a.obsp["connectivities"].tocsr()
+    nb = batch.neighbors_from_csr(conn.indptr, conn.indices, conn.data)
+    u, s = np.asarray(a.layers["Mu"]), np.asarray(a.layers["Ms"])
+    prior = np.zeros(a.n_obs, bool)
+    prior[::7] = True
+    cfg = FitConfig(n_obs=a.n_obs, assignment_mode="full_projection")
+    kw = {}
+    if kind == "gradient":
+        cfg = GradientConfig(fit=FitConfig(n_obs=a.n_obs), rounds=2, steps=3)
+    if kind == "load_pars":
+        monkeypatch.setenv("JAXVELO_CELL_BUCKETS", "0")
+        first = batch.fit_genes(u, s, cfg, nbrs=nb, batch_size=3)
+        pars = first["pars"].copy()
+        kw["loaded"] = Loaded(
+            pars=pars, t=first["t"].T, steady_u=first["steady_u"], steady_s=first["steady_s"],
+            pval_steady=first["pval_steady"],
+        )  # fmt: skip
+        cfg = FitConfig(n_obs=a.n_obs, load_pars=True)
+    out = {}
+    for buckets in ("0", "1"):
+        monkeypatch.setenv("JAXVELO_CELL_BUCKETS", buckets)
+        out[buckets] = batch.fit_genes(u, s, cfg, nbrs=nb, prior=prior, batch_size=3, **kw)
+    ref = out["0"]
+    assert np.isfinite(ref["pars"]).all() and ref["t"].shape == (3, a.n_obs)
+    for k in ref:
+        assert out["1"][k].shape == ref[k].shape
+        np.testing.assert_array_equal(out["1"][k], ref[k], err_msg=k)
+
+
 def test_gpu_program_has_no_float32_division(monkeypatch):
     """The program every non-CPU backend gets divides float32 operands only in float64
     (``numerics.divide``): XLA:GPU's float32 division is div.full.f32, not numpy's IEEE

@@ -27,24 +27,26 @@ from .numerics import fma_barrier as fb
 from .numerics import round32 as r32
 
 _UNROLL = 8  # loop bodies per while-loop iteration in the per-cell loops
-_UNROLL_SMOOTH = 2  # the smoothing loops: their gathers dominate; unrolling costs compile time
 _PROJ_CHUNK = 8  # genes per pass of the lazily run projection (see _switched)
 
 
 class Neighbors(NamedTuple):
-    """Row-normalised kNN connectivities as padded neighbour lists grouped by degree.
+    """Row-normalised kNN connectivities as CSR, with the rows in degree order.
 
-    ``scvelo.preprocessing.neighbors.get_connectivities`` as CSR, rows split into buckets
-    of similar degree (:func:`jaxvelo.core.batch.neighbors_from_csr`): in bucket ``b``,
-    row ``rows[b][i]`` has entries ``val[b][i, k]`` at columns ``idx[b][i, k]`` for
-    ``k < nnz`` in CSR storage order; padding has ``val == 0`` and ``idx`` = the row.
-    ``inv`` maps each cell to its position in ``concatenate(rows)``.
+    ``scvelo.preprocessing.neighbors.get_connectivities`` as CSR
+    (:func:`jaxvelo.core.batch.neighbors_from_csr`): row ``i`` has entries ``val[k]`` at
+    columns ``idx[k]`` for ``ptr[i] <= k < ptr[i + 1]``, in CSR storage order (scipy's
+    summation order). ``idx``/``val`` may be longer than ``ptr[-1]`` (unused padding) and
+    rows may be empty (padded cells): the shapes depend only on the padded cell count and
+    the padded number of entries, so datasets of similar size share compiled programs.
+    ``order`` lists the rows by ascending degree (the CPU kernel pairs rows of similar
+    length).
     """
 
-    rows: tuple  # per bucket (n_b,) int32
-    idx: tuple  # per bucket (n_b, K_b) int32
-    val: tuple  # per bucket (n_b, K_b) float32, as upstream casts the connectivities
-    inv: Array  # (n_obs,) int32
+    ptr: Array  # (n_obs + 1,) int32
+    idx: Array  # (nnz,) int32
+    val: Array  # (nnz,) float32, as upstream casts the connectivities
+    order: Array  # (n_obs,) int32
 
 
 @jax.jit  # traced once per shape (each program smooths at several sites)
@@ -52,27 +54,29 @@ def _smooth_cells_first(nbrs: Neighbors, x: Array) -> Array:
     """``connectivities.dot(x)`` for ``x`` of shape (n_obs, C), C contiguous columns.
 
     scipy's ``csr_matvecs`` accumulates ``y += a * x`` row by row in CSR order, starting
-    from zero, in the upcast dtype of (float32 connectivities, x). The loop over a
-    bucket's neighbour slots keeps that summation order for every row; padding adds
-    ``0 * x = +0``, which leaves a sum of non-negative terms unchanged. Each step gathers
-    whole rows of ``x`` (C = genes x rows under ``vmap``), which vectorises.
-    """
-    dtype = jnp.result_type(nbrs.val[0], x)
-    outs = []
-    for idx, val in zip(nbrs.idx, nbrs.val, strict=True):
-        v = val.astype(dtype)
+    from zero, in the upcast dtype of (float32 connectivities, x). Step ``k`` adds every
+    row's ``k``-th entry (rows with fewer entries keep their sum), which keeps that
+    summation order for every row; ``0 + a * x`` is ``a * x`` (the terms are never -0
+    here: connectivities and squared distances are non-negative). Each step gathers
+    whole rows of ``x`` (C = genes x rows under ``vmap``), which vectorises. The steps
+    run to the largest degree, a value of the data (not of the program's shapes)."""
+    dtype = jnp.result_type(nbrs.val, x)
+    start = nbrs.ptr[:-1]
+    deg = nbrs.ptr[1:] - start
+    last = max(nbrs.idx.shape[0] - 1, 0)
 
-        def body(k, acc, idx=idx, v=v):
-            # XLA's CPU backend would contract ``acc + a * x`` into one fused multiply-add
-            # (one rounding where scipy rounds twice); the barrier keeps scipy's rounding.
-            return acc + fma_barrier(v[:, k, None] * x[idx[:, k]])
+    def body(k, acc):
+        ok = k < deg
+        e = jnp.where(ok, start + k, 0).clip(0, last)
+        # XLA's CPU backend would contract ``acc + a * x`` into one fused multiply-add
+        # (one rounding where scipy rounds twice); the barrier keeps scipy's rounding.
+        term = fma_barrier(nbrs.val[e].astype(dtype)[:, None] * x[nbrs.idx[e]])
+        return jnp.where(ok[:, None], acc + term, acc)
 
-        # scipy starts from y = 0: 0 + a * x is a * x (the terms are never -0 here:
-        # connectivities and squared distances are non-negative), which saves a memset.
-        first = fma_barrier(v[:, 0, None] * x[idx[:, 0]])
-        # unrolled: XLA:CPU pays a few microseconds per while-loop iteration
-        outs.append(jax.lax.fori_loop(1, idx.shape[1], body, first, unroll=_UNROLL_SMOOTH))
-    return jnp.concatenate(outs)[nbrs.inv]
+    acc = jnp.zeros(x.shape, dtype)
+    if nbrs.idx.shape[0] == 0:
+        return acc
+    return jax.lax.fori_loop(0, jnp.max(deg, initial=0), body, acc)
 
 
 def _smooth_host(nbrs: Neighbors, parts: list[Array]) -> Array:
@@ -89,9 +93,8 @@ def _smooth_host(nbrs: Neighbors, parts: list[Array]) -> Array:
 
     g, n = parts[0].shape
     name = host_kernels.register_smooth(parts[0].dtype)
-    ops = []
-    for rows, idx, val in zip(nbrs.rows, nbrs.idx, nbrs.val, strict=True):
-        ops += [rows.astype(jnp.int32), idx.astype(jnp.int32), val]
+    ops = [nbrs.order.astype(jnp.int32), nbrs.ptr.astype(jnp.int32),
+           nbrs.idx.astype(jnp.int32), nbrs.val]  # fmt: skip
     out = jax.ShapeDtypeStruct((g * len(parts), n), parts[0].dtype)
     return jax.ffi.ffi_call(name, out)(*parts, *ops)
 
@@ -103,7 +106,7 @@ def _smooth_parts(nbrs: Neighbors, parts: list[Array]) -> Array:
     dtype = parts[0].dtype
     if (use_host_kernels() and dtype in (jnp.float32, jnp.float64)
             and all(p.dtype == dtype for p in parts)
-            and all(v.dtype == jnp.float32 for v in nbrs.val)):  # fmt: skip
+            and nbrs.val.dtype == jnp.float32):  # fmt: skip
         return _smooth_host(nbrs, parts)
     g, n = parts[0].shape
     x = jnp.stack(parts, axis=1).reshape(g * len(parts), n)
@@ -141,7 +144,7 @@ def smooth(nbrs: Neighbors | None, res: Array | list[Array] | tuple[Array, ...])
     return _smooth(nbrs, tuple(res))
 
 
-def _projection_grid_size(n_obs: int) -> int:
+def projection_grid_size(n_obs: int) -> int:
     # _em_model_utils.assign_tau ~192: num = np.clip(int(len(u) / 5), 200, 500)
     return int(min(max(int(n_obs / 5), 200), 500))
 
@@ -187,8 +190,9 @@ def _project(u: Array, s: Array, gu: Array, gs: Array, tpoints: Array) -> Array:
     return tpoints[arg]
 
 
-def _inverse(u, s, alpha, beta, gamma, t_, u0_, s0_, f32):
-    """``assign_tau``'s inverse-formula branch (utils ~196-203)."""
+def _inverse(u, s, alpha, beta, gamma, t_, u0_, s0_, f32, num=None):
+    """``assign_tau``'s inverse-formula branch (utils ~196-203); ``num`` (the projection
+    grid's size) is not used."""
     f_on = None if f32 is None else {**f32, "u0": True, "s0": True}  # ints 0
     tau = tau_inv(u, s, 0, 0, alpha, beta, gamma, f_on)
     tau = jnp.clip(tau, 0, t_)
@@ -199,13 +203,20 @@ def _inverse(u, s, alpha, beta, gamma, t_, u0_, s0_, f32):
     return tau, tau_
 
 
-def _projection(u, s, alpha, beta, gamma, t_, u0_, s0_, f32):
-    """``assign_tau``'s projection branch (utils ~185-195)."""
-    num = _projection_grid_size(u.shape[0])
+def _projection(u, s, alpha, beta, gamma, t_, u0_, s0_, f32, num=None):
+    """``assign_tau``'s projection branch (utils ~185-195) on a grid of ``num`` points.
+
+    ``num`` None: upstream's rule for the length of ``u``. A traced ``num`` (the rule for
+    the real cell count of a padded cell axis): the grids have the static length of the
+    padded axis, their points past ``num`` at ``+inf``, which are never nearer to a cell
+    than a real point (the first minimum is kept), so the indices are unchanged."""
+    size = projection_grid_size(u.shape[0])
+    if num is None:
+        num, size = size, None
     u_min = jnp.min(jnp.where(s > 0, u, jnp.inf))
     t0 = tau_inv(u_min, u0=u0_, alpha=0, beta=beta)
-    tpoints = linspace(0, t_, num)
-    tpoints_ = linspace(0, t0, num)[1:]
+    tpoints = linspace(0, t_, num, size)
+    tpoints_ = linspace(0, t0, num, size)[1:]
     f_on = None if f32 is None else {**f32, "u0": True, "s0": True}
     f_off = None if f32 is None else {**f32, "alpha": True}
     gu, gs = solution(tpoints, alpha, beta, gamma, f32=f_on)
@@ -214,7 +225,7 @@ def _projection(u, s, alpha, beta, gamma, t_, u0_, s0_, f32):
         # assigned times; with float32 rates the 'on' curve is float32 too.
         t32 = f32["t_"]
         f = jnp.float32
-        tp32 = linspace(jnp.asarray(0, f), t_.astype(f), num)
+        tp32 = linspace(jnp.asarray(0, f), t_.astype(f), num, size)
         all32 = t32 & f32["alpha"] & f32["beta"] & f32["gamma"]
         gu32, gs32 = solution(tp32, alpha.astype(f), beta.astype(f), gamma.astype(f))
         gu64, gs64 = solution(tp32.astype(tpoints.dtype), alpha, beta, gamma, f32=f_on)
@@ -222,7 +233,20 @@ def _projection(u, s, alpha, beta, gamma, t_, u0_, s0_, f32):
         gu = jnp.where(all32, gu32.astype(gu.dtype), jnp.where(t32, gu64, gu))
         gs = jnp.where(all32, gs32.astype(gs.dtype), jnp.where(t32, gs64, gs))
     gu_, gs_ = solution(tpoints_, 0, beta, gamma, u0_, s0_, f32=f_off)
+    if size is not None:  # the grid points past num: never nearest
+        gu, gs = _beyond(gu, num), _beyond(gs, num)
+        gu_, gs_ = _beyond(gu_, num - 1), _beyond(gs_, num - 1)
     return _project(u, s, gu, gs, tpoints), _project(u, s, gu_, gs_, tpoints_)
+
+
+def _beyond(g: Array, num) -> Array:
+    """``g`` with its entries from ``num`` on at ``+inf``."""
+    return jnp.where(jnp.arange(g.shape[0]) < num, g, jnp.asarray(jnp.inf, g.dtype))
+
+
+def projection_grid_size_traced(n: Array) -> Array:
+    """:func:`projection_grid_size` of a traced (non-negative) cell count."""
+    return jnp.clip(jnp.asarray(n, jnp.int32) // 5, 200, 500)
 
 
 def assign_tau(
@@ -236,13 +260,17 @@ def assign_tau(
     s0_: Array,
     assignment_mode: str | ModeSwitch | None,
     f32: dict | None = None,
+    grid: Array | None = None,
 ) -> tuple[Array, Array]:
     """``_em_model_utils.assign_tau``: (tau, tau_) by projection or by the inverse formula.
 
     ``"projection"`` projects only when ``beta < gamma`` (utils ~189-191); each branch
     runs for the genes that take it. A :class:`ModeSwitch` picks the mode at run time.
+    ``grid``: points of the projection grid (None: upstream's rule for ``len(u)``; an
+    array: that many points of a grid as long as the rule gives for ``len(u)``).
     """
-    ops = (u, s, alpha, beta, gamma, t_, u0_, s0_, f32)
+    # the grid size travels as an operand (a traced count may not be closed over)
+    ops = (u, s, alpha, beta, gamma, t_, u0_, s0_, f32, grid)
     if isinstance(assignment_mode, ModeSwitch):
         return _switched(assignment_mode, ops)
     kind = _kind(assignment_mode)
@@ -291,7 +319,7 @@ def _switched(ms: ModeSwitch, ops: tuple) -> tuple[Array, Array]:
     then the mode's result is selected."""
     kinds = tuple(_kind(m) for m in ms.modes)
     if len(set(kinds)) == 1:
-        return assign_tau(*ops[:8], ms.modes[0], ops[8])
+        return assign_tau(*ops[:8], ms.modes[0], ops[8], ops[9])
     index = jnp.asarray(ms.index)
     use_proj = ops[3] < ops[4]  # beta < gamma
 
@@ -452,6 +480,8 @@ def assign_timepoints(
     assignment_mode: str | ModeSwitch | None,
     fit_steady_states: bool = True,
     fl=None,
+    valid: Array | None = None,
+    grid: Array | None = None,
 ) -> Assignment:
     """``compute_divergence(mode="assign_timepoints")`` for ``u`` already divided by scaling.
 
@@ -464,6 +494,11 @@ def assign_timepoints(
     Upstream's float32 ``s`` and ``std_s`` make ``(s / std_s) ** 2`` of the steady-state
     distances float32 arithmetic (and ``s - s_inf`` too when ``s_inf`` is float32); those
     operations are emulated by rounding. The rest is float64 once any input is.
+
+    ``valid`` (None: all): the real cells of a padded cell axis; padded cells (no
+    neighbours, ``u = s = 0``) join neither group of ``adjust_increments``, so its gaps
+    and percentile are those of the real cells. ``grid``: points of the projection grid
+    (see :func:`assign_tau`).
     """
     f32 = None
     if fl is None:
@@ -476,7 +511,7 @@ def assign_timepoints(
                "u32": fl.t & fl.scaling, "s32": fl.t,
                "u0": fl.alpha & fl.beta & fl.t_,
                "s0": fl.alpha & fl.beta & fl.gamma & fl.t_}  # fmt: skip
-    tau, tau_ = assign_tau(u, s, alpha, beta, gamma, t_, u0_, s0_, assignment_mode, f32)
+    tau, tau_ = assign_tau(u, s, alpha, beta, gamma, t_, u0_, s0_, assignment_mode, f32, grid)
     std_u = divide(std_u, scaling)
     if fl is not None:
         std_u = r32(std_u, fl.t & fl.scaling)  # float32 std_u / float32 scaling
@@ -491,7 +526,10 @@ def assign_timepoints(
     rows2 = [fb(distu_**2) + fb(dists_**2), fb(distu**2) + fb(dists**2)]
     res = smooth(nbrs, rows2)
     on = res[1] < res[0]  # np.argmin over 2 rows: ties go to row 0 ('off')
-    tau, tau_ = adjust_increments(tau, on, tau_, ~on)
+    off = ~on
+    if valid is not None:
+        on, off = on & valid, off & valid
+    tau, tau_ = adjust_increments(tau, on, tau_, off)
 
     ut, st = solution(tau, alpha, beta, gamma, f32=f_on)
     ut_, st_ = solution(tau_, 0, beta, gamma, u0_, s0_, f32=f_off)

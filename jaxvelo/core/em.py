@@ -18,7 +18,13 @@ import jax.numpy as jnp
 from jax import Array
 
 from . import objective as obj
-from .assign import Assignment, ModeSwitch, Neighbors, assign_timepoints
+from .assign import (
+    Assignment,
+    ModeSwitch,
+    Neighbors,
+    assign_timepoints,
+    projection_grid_size_traced,
+)
 from .kinetics import linspace, solution, tau_inv, unspliced
 from .nelder_mead import nm_consume, nm_init, nm_options, nm_propose
 from .numerics import (
@@ -47,7 +53,8 @@ class FitConfig:
     Attributes
     ----------
     n_obs
-        Number of cells.
+        Number of cells (the padded count where the cell axis is padded: the real count
+        is then :attr:`GeneData.n`, a value of the data, not of the program).
     max_iter
         ``max_iter`` of ``recover_dynamics``; each Nelder-Mead stage gets
         ``int(max_iter / 5)`` iterations (utils ``simplex_kwargs``).
@@ -95,11 +102,16 @@ class FitConfig:
 
 
 class GeneData(NamedTuple):
-    """One gene's observations (already basal-corrected) in the data dtype."""
+    """One gene's observations (already basal-corrected) in the data dtype.
+
+    ``n``: the real cell count when the cell axis is padded (the first ``n`` cells are
+    real; padded cells have ``u = s = 0``, no prior and no neighbours) -- an array, so one
+    compiled program serves every count up to the padded length; None: all cells."""
 
     u: Array  # (n_obs,)
     s: Array  # (n_obs,)
     prior: Array  # (n_obs,) bool steady-state prior (all False when None)
+    n: Array | None = None  # () int32, the same for every gene (not batched)
 
 
 class Loaded(NamedTuple):
@@ -142,6 +154,26 @@ class Static(NamedTuple):
     std_u: Array
     std_s: Array
     data32: Array  # () bool: the layers are float32 (scv.pp.moments)
+    valid: Array | None = None  # (n_obs,) bool: real cells (None: all; see GeneData.n)
+    n: Array | int = 0  # real cell count (len(t) upstream)
+
+
+def _cells(gd: GeneData) -> dict:
+    """``valid``/``n`` of :class:`Static` for ``gd``: the real cells and their count."""
+    if gd.n is None:
+        return dict(valid=None, n=gd.u.shape[0])
+    return dict(valid=jnp.arange(gd.u.shape[0]) < gd.n, n=gd.n)
+
+
+def _grid(st: Static) -> Array | None:
+    """Points of the projection grid: upstream's rule for the real cell count (None: for
+    the cell axis's length, a static shape)."""
+    return None if st.valid is None else projection_grid_size_traced(st.n)
+
+
+def _real(st: Static, mask: Array) -> Array:
+    """``mask`` restricted to the real cells (padded cells are in no cell group)."""
+    return mask if st.valid is None else mask & st.valid
 
 
 class GeneResult(NamedTuple):
@@ -190,7 +222,7 @@ def _assign(st: Static, p: Array, mode, nbrs, cfg: FitConfig, fl=None, t32=None)
         fl = fl._replace(t=st.data32 if t32 is None else t32)
     return assign_timepoints(
         u, st.s, alpha, beta, gamma, scaling, t_, st.std_u, st.std_s,
-        nbrs, mode, cfg.fit_steady_states, fl,
+        nbrs, mode, cfg.fit_steady_states, fl, valid=st.valid, grid=_grid(st),
     )  # fmt: skip
 
 
@@ -321,12 +353,13 @@ class _Alt(NamedTuple):
     fl: obj.Flags
 
 
-def _alternative(state: EMState, cand: Candidate, r0: _Eval, r1: _Eval, t32_c, cfg) -> _Alt:
+def _alternative(state: EMState, st: Static, cand: Candidate, r0: _Eval, r1: _Eval, t32_c,
+                 cfg) -> _Alt:  # fmt: skip
     """The adjust-t_ alternative of ``update()`` (core ~337-353) from the evaluations of
     the proposed (``r0``) and the current (``r1``) parameters."""
     no = jnp.asarray(False)
     perform = r0.loss < state.loss_last
-    on = state.o == 1
+    on = _real(st, state.o == 1)
     b = jax.tree_util.tree_map(lambda x, y: jnp.where(perform, x, y), r0, r1)
     p = jnp.where(perform, cand.pars, state.pars)
     f32 = jnp.where(perform, cand.f32, state.f32)
@@ -337,7 +370,9 @@ def _alternative(state: EMState, cand: Candidate, r0: _Eval, r1: _Eval, t32_c, c
     try_alt = jnp.any(on) & (0 < alt_t_) & (alt_t_ < t_)
     # core ~342: np.max(t) / len(t) is float32 for a float32 t; * np.sum(...) -> float64
     # (the product is fenced: XLA would contract ``a + b * c`` into one FMA)
-    step = r32(true_divide(jnp.max(b.t), cfg.n_obs), t32) * jnp.sum(b.t == t_)
+    # (padded cells take no part: len(t) is the real count)
+    t_max = jnp.max(b.t) if st.valid is None else jnp.max(jnp.where(st.valid, b.t, -jnp.inf))
+    step = r32(true_divide(t_max, st.n), t32) * jnp.sum(_real(st, b.t == t_))
     alt_t_ = alt_t_ + fma_barrier(step)
     # alt_t_ > 0 here, so get_vars keeps it
     p_alt = p.at[T_].set(jnp.where(try_alt, alt_t_, t_))
@@ -345,11 +380,12 @@ def _alternative(state: EMState, cand: Candidate, r0: _Eval, r1: _Eval, t32_c, c
     return _Alt(perform, b, p, f32, beta_int, t32, try_alt, p_alt, fl)
 
 
-def _update_input(k, state: EMState, cand: Candidate, r0: _Eval, r1: _Eval, t32_c, cfg):
+def _update_input(k, state: EMState, st: Static, cand: Candidate, r0: _Eval, r1: _Eval, t32_c,
+                  cfg):  # fmt: skip
     """Parameters and float32 flags of ``update()``'s evaluation ``k``: 0 the proposed
     parameters, 1 the current ones, 2 the adjust-t_ alternative."""
     no = jnp.asarray(False)
-    alt = _alternative(state, cand, r0, r1, t32_c, cfg)
+    alt = _alternative(state, st, cand, r0, r1, t32_c, cfg)
     fl_new = _flags(cand.f32, cand.beta_int, no, state.ratio32)
     fl_cur = _flags(state.f32, state.beta_int, no, state.ratio32)
 
@@ -361,7 +397,8 @@ def _update_input(k, state: EMState, cand: Candidate, r0: _Eval, r1: _Eval, t32_
     return p, fl
 
 
-def _update_outcome(state: EMState, cand: Candidate, rows: tuple, adjust_t_, t32_c, cfg):
+def _update_outcome(state: EMState, st: Static, cand: Candidate, rows: tuple, adjust_t_, t32_c,
+                    cfg):  # fmt: skip
     """``update()``'s decision (core ~324-378) from its evaluations ``rows`` (0: the
     proposed parameters, 1: the current ones re-assigned, 2: the adjust-t_ alternative):
     the arguments of :func:`_commit`."""
@@ -371,7 +408,7 @@ def _update_outcome(state: EMState, cand: Candidate, rows: tuple, adjust_t_, t32
              cand.beta_int, no)  # fmt: skip
     if isinstance(adjust_t_, bool) and not adjust_t_:
         return plain
-    a = _alternative(state, cand, r0, r1, t32_c, cfg)
+    a = _alternative(state, st, cand, r0, r1, t32_c, cfg)
     alpha, beta, gamma, _, t_ = _vars(a.pars)
     # unspliced(t_, 0, alpha, beta) on numpy scalars (float32 where they are)
     ut_cur = obj.switch_state(t_, alpha, beta, gamma, _flags(a.f32, a.beta_int, no, no))[0]
@@ -600,7 +637,7 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
             return _row(stack, 0), _select(recompute, _row(stack, 1), _stored(em)), _row(stack, 2)
 
         # --- what to evaluate: the update()'s next evaluation or the stage's simplex point
-        p, fl = _update_input(m.k, em, m.cand, *rows_of(m.evals)[:2], t32_c, cfg)
+        p, fl = _update_input(m.k, em, st, m.cand, *rows_of(m.evals)[:2], t32_c, cfg)
         refit = jnp.asarray(cfg.fit_time)
         pts = [nm_propose(nm) for nm in m.nm]
         for g, spec in enumerate(stages):
@@ -645,7 +682,7 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
         )
         k_next = _next_eval(m.k, adjust, recompute)
         decided = k_next == 3
-        ok, *outcome = _update_outcome(em, m.cand, rows_of(evals), adjust, t32_c, cfg)
+        ok, *outcome = _update_outcome(em, st, m.cand, rows_of(evals), adjust, t32_c, cfg)
         # a finished gene (re-running the last update()) keeps its state: the loop does not
         # freeze finished genes (while_any), and only ``em`` is read after it
         em_new = _commit(em, ok & ~m.done, *outcome)
@@ -817,7 +854,7 @@ def initial_state(
     st = Static(
         u=gd.u.astype(f64), s=gd.s.astype(f64), w=obj.make_subset(iv["w"]),
         wu=obj.make_subset(iv["w_upper"]), std_u=iv["std_u"], std_s=iv["std_s"],
-        data32=jnp.asarray(gd.u.dtype == jnp.float32),
+        data32=jnp.asarray(gd.u.dtype == jnp.float32), **_cells(gd),
     )  # fmt: skip
     H = hist_len
     pars = iv["pars"]
@@ -826,7 +863,8 @@ def initial_state(
     # (PARITY.md, docs/upstream_precision.md section 1).
     alpha, beta, gamma, t_, scaling, std_u, std_s = iv["native"]
     a = assign_timepoints(true_divide(gd.u, scaling), gd.s, alpha, beta, gamma, scaling, t_,
-                          std_u, std_s, nbrs, None, cfg.fit_steady_states)  # fmt: skip
+                          std_u, std_s, nbrs, None, cfg.fit_steady_states, valid=st.valid,
+                          grid=_grid(st))  # fmt: skip
     a = Assignment(*(x.astype(f64) if x.dtype != jnp.int32 else x for x in a))
     is32 = gd.u.dtype == jnp.float32 and init_vals is None
     data32 = jnp.asarray(gd.u.dtype == jnp.float32)
@@ -854,7 +892,7 @@ def _fit_loaded(gd: GeneData, iv: dict, nbrs, cfg: FitConfig, ld: Loaded) -> Gen
     st = Static(
         u=gd.u.astype(jnp.float64), s=gd.s.astype(jnp.float64), w=obj.make_subset(iv["w"]),
         wu=obj.make_subset(iv["w_upper"]), std_u=iv["std_u_raw"], std_s=iv["std_s_raw"],
-        data32=jnp.asarray(gd.u.dtype == jnp.float32),
+        data32=jnp.asarray(gd.u.dtype == jnp.float32), **_cells(gd),
     )  # fmt: skip
     state = _loaded_state(ld, st, nbrs, cfg)
     mode = cfg.assignment_mode if cfg.max_iter > 0 else None
@@ -877,7 +915,7 @@ def final_result(state: EMState, st: Static, nbrs, cfg: FitConfig, mode, iv: dic
     ``tau``/``tau_`` (``get_divergence(mode="tau")``), likelihood and variance."""
     v = _vars(state.pars)
     fl = _flags(state.f32, state.beta_int, state.t32, state.ratio32)
-    lik = obj.likelihood(state.t, st.u, st.s, st.wu, v, st.std_u, st.std_s, state.ratio, cfg.n_obs,
+    lik = obj.likelihood(state.t, st.u, st.s, st.wu, v, st.std_u, st.std_s, state.ratio, st.n,
                          fl)  # fmt: skip
     if cfg.fit_time:
         # get_divergence(mode="tau") in plain float64 (every flag off gives the values of

@@ -533,18 +533,23 @@ def _slp_vectorized():
 with _slp_vectorized():
 
     @nb.njit(cache=True, nogil=True)
-    def _smooth_pair(t, c0, w, rows, idx, val, out, r, r2):
-        # scipy's csr_matvecs (sparsetools/csr.h) for rows r and r2 of a degree bucket and
+    def _smooth_pair(t, c0, w, ptr, idx, val, out, i, j):
+        # scipy's csr_matvecs (sparsetools/csr.h) for rows i and j (degree >= 1 each) and
         # the columns c0..c0+w of ``out`` (rows x cells): y = 0; y += a * x over a row's
         # entries in storage order, in the upcast dtype of (float32 data, x) -- here t's
         # dtype, since val is float32. t holds those columns cells-first (cells x 16). The
         # first term is stored instead of added to 0 (the terms are never -0: see
-        # assign._smooth_cells_first); padding adds 0 * t = +0 as there. Two rows (same K)
-        # give two independent chains of additions, which hide the adds' latency (~10%
-        # faster than one row at a time); each row's sum keeps its own order.
-        K = idx.shape[1]
-        a, b = val[r, 0], val[r2, 0]
-        x, y = t[idx[r, 0]], t[idx[r2, 0]]
+        # assign._smooth_cells_first). Two rows of the same degree give two independent
+        # chains of additions, which hide the adds' latency (~10% faster than one row at
+        # a time); each row's sum keeps its own order. (A version pairing rows of any
+        # degrees, the longer row's rest in a loop of its own, measured ~1.5x slower.)
+        # row slices: indices from the range loops below are known non-negative (no
+        # wraparound test per access, as with an offset added to a loaded ptr)
+        va, ia = val[ptr[i] : ptr[i + 1]], idx[ptr[i] : ptr[i + 1]]
+        vb, ib = val[ptr[j] : ptr[j + 1]], idx[ptr[j] : ptr[j + 1]]
+        m = va.shape[0]  # == vb.shape[0]: rows of the same degree
+        a, b = va[0], vb[0]
+        x, y = t[ia[0]], t[ib[0]]
         # fmt: off
         s0, s1, s2, s3 = a * x[0], a * x[1], a * x[2], a * x[3]
         s4, s5, s6, s7 = a * x[4], a * x[5], a * x[6], a * x[7]
@@ -554,9 +559,9 @@ with _slp_vectorized():
         q4, q5, q6, q7 = b * y[4], b * y[5], b * y[6], b * y[7]
         q8, q9, q10, q11 = b * y[8], b * y[9], b * y[10], b * y[11]
         q12, q13, q14, q15 = b * y[12], b * y[13], b * y[14], b * y[15]
-        for k in range(1, K):
-            a, b = val[r, k], val[r2, k]
-            x, y = t[idx[r, k]], t[idx[r2, k]]
+        for k in range(1, m):
+            a, b = va[k], vb[k]
+            x, y = t[ia[k]], t[ib[k]]
             s0, s1 = s0 + a * x[0], s1 + a * x[1]
             s2, s3 = s2 + a * x[2], s3 + a * x[3]
             s4, s5 = s4 + a * x[4], s5 + a * x[5]
@@ -576,13 +581,12 @@ with _slp_vectorized():
         acc = (s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15)
         acq = (q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11, q12, q13, q14, q15)
         # fmt: on
-        i, j = rows[r], rows[r2]
         for c in range(w):
             out[c0 + c, i] = acc[c]
             out[c0 + c, j] = acq[c]
 
     @nb.njit(cache=True, nogil=True)
-    def _smooth_pair8(t, c0, w, rows, idx, val, out, r, r2):
+    def _smooth_pair8(t, c0, w, ptr, idx, val, out, i, j):
         # _smooth_pair for a last block of at most 8 columns, t (cells x 8). The kernels
         # gather whole copied rows and their cost goes with the cache lines gathered, so
         # a tail of 1-8 rows cost a full 16-wide pass (e.g. 20 rows, 2 parts x 10 genes,
@@ -591,17 +595,21 @@ with _slp_vectorized():
         # full block stays 16 wide). Same sums in the same order. A separate copy of the
         # 16-wide code because each width needs its own fixed set of accumulators, which
         # the SLP vectorizer packs into registers.
-        K = idx.shape[1]
-        a, b = val[r, 0], val[r2, 0]
-        x, y = t[idx[r, 0]], t[idx[r2, 0]]
+        # row slices: indices from the range loops below are known non-negative (no
+        # wraparound test per access, as with an offset added to a loaded ptr)
+        va, ia = val[ptr[i] : ptr[i + 1]], idx[ptr[i] : ptr[i + 1]]
+        vb, ib = val[ptr[j] : ptr[j + 1]], idx[ptr[j] : ptr[j + 1]]
+        m = va.shape[0]  # == vb.shape[0]: rows of the same degree
+        a, b = va[0], vb[0]
+        x, y = t[ia[0]], t[ib[0]]
         # fmt: off
         s0, s1, s2, s3 = a * x[0], a * x[1], a * x[2], a * x[3]
         s4, s5, s6, s7 = a * x[4], a * x[5], a * x[6], a * x[7]
         q0, q1, q2, q3 = b * y[0], b * y[1], b * y[2], b * y[3]
         q4, q5, q6, q7 = b * y[4], b * y[5], b * y[6], b * y[7]
-        for k in range(1, K):
-            a, b = val[r, k], val[r2, k]
-            x, y = t[idx[r, k]], t[idx[r2, k]]
+        for k in range(1, m):
+            a, b = va[k], vb[k]
+            x, y = t[ia[k]], t[ib[k]]
             s0, s1 = s0 + a * x[0], s1 + a * x[1]
             s2, s3 = s2 + a * x[2], s3 + a * x[3]
             s4, s5 = s4 + a * x[4], s5 + a * x[5]
@@ -613,22 +621,35 @@ with _slp_vectorized():
         acc = (s0, s1, s2, s3, s4, s5, s6, s7)
         acq = (q0, q1, q2, q3, q4, q5, q6, q7)
         # fmt: on
-        i, j = rows[r], rows[r2]
         for c in range(w):
             out[c0 + c, i] = acc[c]
             out[c0 + c, j] = acq[c]
 
     @nb.njit(cache=True, nogil=True)
-    def _smooth_rows(t, c0, w, rows, idx, val, out):
-        # one degree bucket, its rows two at a time (an odd last row paired with itself),
-        # in the kernel of the copy's width (8 for a last block of 1-8 rows, else 16)
-        n = rows.shape[0]
+    def _smooth_rows(t, c0, w, order, ptr, idx, val, out):
+        # every row in ``order`` (ascending degree): rows without entries are 0 (scipy's
+        # y = 0; padded cells), the others two at a time (an odd last row paired with
+        # itself), in the kernel of the copy's width (8 for a last block of 1-8 rows,
+        # else 16); a pair is two rows of the same degree, else one row twice
+        n = order.shape[0]
+        r0 = 0
+        while r0 < n and ptr[order[r0] + 1] == ptr[order[r0]]:
+            for c in range(w):
+                out[c0 + c, order[r0]] = 0
+            r0 += 1
         narrow = t.shape[1] == 8
-        for r in range(0, n, 2):
+        r = r0
+        while r < n:
+            i = order[r]
+            j = i
+            r += 1
+            if r < n and ptr[order[r] + 1] - ptr[order[r]] == ptr[i + 1] - ptr[i]:
+                j = order[r]
+                r += 1
             if narrow:
-                _smooth_pair8(t, c0, w, rows, idx, val, out, r, min(r + 1, n - 1))
+                _smooth_pair8(t, c0, w, ptr, idx, val, out, i, j)
             else:
-                _smooth_pair(t, c0, w, rows, idx, val, out, r, min(r + 1, n - 1))
+                _smooth_pair(t, c0, w, ptr, idx, val, out, i, j)
 
     @nb.njit(cache=True, nogil=True)
     def _aligned_rows(buf, n, width):
@@ -642,16 +663,21 @@ with _slp_vectorized():
 
     @nb.njit(cache=True, nogil=True)
     def _smooth_run(frame, like):
-        # operands: R parts x_k (G, n) of like's dtype, then per degree bucket: rows (n_b,)
-        # int32, idx (n_b, K_b) int32, val (n_b, K_b) float32; result (G * R, n) like x,
-        # gene-major: its row g * R + k smooths row g of part k (R = result rows / G).
-        # Separate parts spare the program a stacked, transposed copy of the rows.
+        # operands: R parts x_k (G, n) of like's dtype, then the neighbour lists
+        # (assign.Neighbors): order (n,) int32, ptr (n + 1,) int32, idx (nnz,) int32,
+        # val (nnz,) float32; result (G * R, n) like x, gene-major: its row g * R + k
+        # smooths row g of part k (R = result rows / G). Separate parts spare the
+        # program a stacked, transposed copy of the rows.
         run, f = _ffi_frame(frame)
         if run:
             out = _ffi_array(f[14], 0, like)
             G, n = _ffi_array(f[9], 0, like).shape
             C = out.shape[0]
             R = C // G
+            order = _ffi_vector(f[9], R, np.int32(0))
+            ptr = _ffi_vector(f[9], R + 1, np.int32(0))
+            idx = _ffi_vector(f[9], R + 2, np.int32(0))
+            val = _ffi_vector(f[9], R + 3, np.float32(0))
             room = _SMOOTH_ALIGN // out.itemsize  # elements, for the shift to the boundary
             buf = np.zeros(n * _SMOOTH_BLOCK + room, out.dtype)
             for c0 in range(0, C, _SMOOTH_BLOCK):
@@ -663,11 +689,7 @@ with _slp_vectorized():
                     g = (c0 + b) // R
                     for j in range(n):
                         t[j, b] = x[g, j]
-                for q in range(R, f[7], 3):
-                    rows = _ffi_vector(f[9], q, np.int32(0))
-                    idx = _ffi_array(f[9], q + 1, np.int32(0))
-                    val = _ffi_array(f[9], q + 2, np.float32(0))
-                    _smooth_rows(t, c0, w, rows, idx, val, out)
+                _smooth_rows(t, c0, w, order, ptr, idx, val, out)
         return _ptr(0)
 
     @nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
@@ -1137,7 +1159,7 @@ def register_sort(dtype) -> str:
 @functools.cache
 def register_smooth(dtype) -> str:
     """Compile and register the smoothing custom call (``connectivities.dot(x.T).T`` on
-    degree-bucketed neighbour lists, :func:`jaxvelo.core.assign.smooth`) for ``dtype``."""
+    the CSR neighbour lists, :func:`jaxvelo.core.assign.smooth`) for ``dtype``."""
     return _register(f"jaxvelo_smooth_{np.dtype(dtype).name}", _SMOOTHS[np.dtype(dtype)])
 
 

@@ -175,14 +175,25 @@ def vectorize(
     return tau, alpha_v, u0, s0
 
 
-def linspace(start: Array, stop: Array, num: int) -> Array:
+def linspace(start: Array, stop: Array, num: int | Array, size: int | None = None) -> Array:
     """``np.linspace(start, stop, num)`` with NumPy's arithmetic (numpy/_core/function_base.py).
 
     ``y = arange(num) * ((stop - start) / (num - 1)) + start`` and ``y[-1] = stop`` exactly;
     JAX's own linspace interpolates differently and differs in the last bits.
+
+    ``size``: a static length for a traced ``num`` (at most ``size``): the first ``num``
+    entries are ``np.linspace``'s, the rest ``+inf``.
     """
     start = jnp.asarray(start)
     stop = jnp.asarray(stop)
+    if size is not None:
+        dt = jnp.result_type(start, stop, 1.0)
+        num = jnp.asarray(num, jnp.int32)
+        step = true_divide(stop - start, num - 1)  # int32 -> dt exactly, as a Python int
+        i = jnp.arange(size)
+        y = (jnp.arange(size, dtype=dt) * step + start).astype(dt)
+        y = jnp.where(i == num - 1, stop.astype(dt), y)
+        return jnp.where(i < num, y, jnp.asarray(jnp.inf, dt))
     dt = jnp.result_type(start, stop, float(num))
     step = true_divide(stop - start, num - 1)  # XLA would multiply by 1 / (num - 1)
     y = jnp.arange(num, dtype=dt) * step + start

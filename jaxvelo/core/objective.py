@@ -161,7 +161,7 @@ def _masked_mean(x: Array, n: Array) -> Array:
 
 
 def loglikelihood(
-    t, u, s, sub: Subset, pars, std_u, std_s, ratio, n_obs: int, fl: Flags = NO_FLAGS
+    t, u, s, sub: Subset, pars, std_u, std_s, ratio, n_obs: int | Array, fl: Flags = NO_FLAGS
 ) -> Array:
     """``get_loglikelihood(weighted="upper")`` with ``noise_model="normal"`` (utils ~1110-1135).
 
@@ -174,7 +174,8 @@ def loglikelihood(
                               fl)  # fmt: skip
     distx = fb(udiff**2) + fb(sdiff**2) + fb(r32(reg**2, fl.gamma & fl.beta & fl.ratio))
     eucl_distx = jnp.sqrt(distx)
-    n = jnp.clip(sub.n - n_obs * 0.01, 2, None)
+    # a Python int or the traced real count of a padded cell axis: the same float64 product
+    n = jnp.clip(sub.n - jnp.asarray(n_obs, jnp.float64) * 0.01, 2, None)
     valid = jnp.arange(distx.shape[0]) < sub.n
     signed = jnp.where(valid, jnp.sign(sdiff) * eucl_distx, 0)
     varx = _masked_mean(distx, sub.n) - _masked_mean(signed, sub.n) ** 2
@@ -185,7 +186,7 @@ def loglikelihood(
 
 
 def likelihood(
-    t, u, s, sub: Subset, pars, std_u, std_s, ratio, n_obs: int, fl: Flags = NO_FLAGS
+    t, u, s, sub: Subset, pars, std_u, std_s, ratio, n_obs: int | Array, fl: Flags = NO_FLAGS
 ) -> Array:
     """``get_likelihood``: ``exp(get_loglikelihood(weighted="upper"))``."""
     return jnp.exp(loglikelihood(t, u, s, sub, pars, std_u, std_s, ratio, n_obs, fl))
