@@ -111,7 +111,11 @@ def _write_h5ad(adata, path: str) -> None:
 def _prepare(spec: dict) -> dict:
     from bench import tiers
 
-    tier = tiers.TIERS[spec["tier"]]
+    name = spec["tier"]
+    if name.endswith("_sibling") and name not in tiers.TIERS:  # --bucket-reuse
+        tier = tiers.sibling(tiers.TIERS[name.removesuffix("_sibling")])
+    else:
+        tier = tiers.TIERS[name]
     t = time.perf_counter()
     adata = tiers.prepare(tier, spec.get("data"))
     seconds = time.perf_counter() - t

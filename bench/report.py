@@ -28,7 +28,7 @@ from .child import clean_json
 __all__ = ["LABELS", "markdown", "markdown_table", "plot", "summarize", "write"]
 
 # which timings each tool reports, in display order
-LABELS = {"scvelo": ("run",), "jaxvelo": ("first", "cold", "warm")}
+LABELS = {"scvelo": ("run",), "jaxvelo": ("first", "cold", "warm", "cold_bucket")}
 PEER_LABELS = ("run", "warm")
 TOOL_NAMES = {
     "scvelo": "scVelo 0.3.4",
@@ -97,6 +97,14 @@ def summarize(records: list[dict]) -> list[dict]:
                 entry["peak_rss_cold_mb"] = max(
                     (r["peak_rss_mb"] for r in recs if r.get("process") == "cold"), default=None
                 )
+                # --bucket-reuse: did the sibling's program serve the tier (no new entry)?
+                primed = [r.get("cache_entries") for r in recs if r.get("process") == "prime"]
+                bucket = [r.get("cache_entries") for r in recs
+                          if r.get("process") == "cold_bucket"]  # fmt: skip
+                if bucket:
+                    entry["bucket_reused"] = len(primed) == len(bucket) and all(
+                        p is not None and p == b for p, b in zip(primed, bucket, strict=True)
+                    )
             fitted = next((r.get("n_genes_fitted") for r in recs), None)
             if fitted is not None:
                 row["n_genes_fitted"][tool] = fitted
@@ -170,6 +178,30 @@ def markdown_table(summary: list[dict]) -> str:
             f"({_f(j.get('peak_rss_cold_mb'), '.0f')}) |"
         )
     return "\n".join(lines)
+
+
+def _bucket_table(summary: list[dict], tiers: dict) -> str | None:
+    """``--bucket-reuse``: the tier's cold call from a cache only its sibling filled."""
+    rows = []
+    for row in summary:
+        j = row["tools"].get("jaxvelo", {})
+        if j.get("cold_bucket_s") is None:
+            continue
+        sib = tiers.get(f"{row['tier']}_sibling", {})
+        rows.append(
+            f"| {row['tier']} | {row['threads']} | {sib.get('n_obs', '?')} | "
+            f"{_f(j.get('cold_s'))} | {_f(j.get('cold_bucket_s'))} | "
+            f"{_x(j.get('speedup_cold'))} / {_x(j.get('speedup_cold_bucket'))} | "
+            f"{'yes' if j.get('bucket_reused') else 'no'} |"
+        )
+    if not rows:
+        return None
+    head = (
+        "| tier | threads | sibling's cells | cold (s) | cold from the sibling's cache (s) "
+        "| speed-up cold / from sibling | program reused (no new cache entry) |\n"
+        "|---|---|---|---|---|---|---|"
+    )
+    return head + "\n" + "\n".join(rows)
 
 
 def _peers_table(summary: list[dict]) -> str | None:
@@ -255,6 +287,9 @@ def markdown(results: dict) -> str:
         "process; *compile ≈* median of first − warm; speed-up = scVelo / jaxvelo; scVelo's "
         "RSS adds its worker processes' peak. Definitions: `docs/benchmarks.md`.",
     ]
+    reuse = _bucket_table(results.get("summary", []), results.get("tiers", {}))
+    if reuse:
+        out += ["", "## Cold from another dataset's cache (same cell-count bucket)", "", reuse]
     peers = _peers_table(results.get("summary", []))
     if peers:
         out += ["", "## Peers", "", peers]

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import report
-from .tiers import TIERS, Tier, cache_path, resolve
+from .tiers import TIERS, Tier, cache_path, resolve, sibling
 
 __all__ = [
     "BENCH_ROOT",
@@ -90,6 +90,7 @@ class Config:
     timeout: float | None = None
     keep_fits: bool = False
     command: list[str] = field(default_factory=list)
+    bucket_reuse: bool = False
 
 
 def available_cpus() -> list[int]:
@@ -163,6 +164,7 @@ def config_from_args(args) -> Config:
         timeout=args.timeout,
         keep_fits=bool(args.keep_fits),
         command=list(getattr(args, "command", None) or sys.argv),
+        bucket_reuse=bool(getattr(args, "bucket_reuse", False)),
     )
 
 
@@ -407,9 +409,10 @@ def run(cfg: Config) -> int:
     notes: list[str] = []
     tools = _peers(cfg, notes)
     fitters = [t for t in tools if t != "jaxvelo"]
-    per_repeat = len(fitters) + (2 if "jaxvelo" in tools else 0)
+    reuse = cfg.bucket_reuse and "jaxvelo" in tools
+    per_repeat = len(fitters) + (2 + 2 * reuse if "jaxvelo" in tools else 0)
     per_threads = cfg.repeats * per_repeat + ("scvelo" in tools) * (len(tools) - 1)
-    total = len(cfg.tiers) * (1 + len(cfg.threads) * per_threads)
+    total = len(cfg.tiers) * (1 + reuse + len(cfg.threads) * per_threads)
     runner = _Runner(cfg, total)
     results = {"meta": _meta(cfg, tools, notes), "tiers": {}, "measurements": runner.records}
     runner.log(
@@ -452,6 +455,20 @@ def _run_tiers(runner: _Runner, tools: list[str], results: dict, per_threads: in
             runner.k += len(cfg.threads) * per_threads
             continue
         base = {"h5ad": info["h5ad"], "var_names": tier.var_names}
+        sib, sib_info = None, None
+        if cfg.bucket_reuse and "jaxvelo" in tools:
+            sib = sibling(tier)
+            if sib is None:
+                runner.k += 1 + len(cfg.threads) * cfg.repeats * 2
+                notes.append(f"{tier.name}: --bucket-reuse skipped (no other dataset of its "
+                             "size bucket)")  # fmt: skip
+            else:
+                sib_info = _prepare_tier(runner, sib)
+                results["tiers"][sib.name] = sib_info
+                if sib_info.get("error"):
+                    notes.append(f"{sib.name}: preprocessing failed; --bucket-reuse skipped")
+                    runner.k += len(cfg.threads) * cfg.repeats * 2
+                    sib_info = None
         for threads in cfg.threads:
             fits: dict[str, Path] = {}
             for rep in range(cfg.repeats):
@@ -505,6 +522,8 @@ def _run_tiers(runner: _Runner, tools: list[str], results: dict, per_threads: in
                             )
                         finally:
                             shutil.rmtree(cache, ignore_errors=True)
+                        if sib_info is not None:
+                            _cold_from_sibling(runner, where, spec, threads, tags, sib, sib_info)
                     if keep is not None and not rec.get("error"):
                         fits[tool] = keep
             if "scvelo" in fits:
@@ -529,6 +548,32 @@ def _run_tiers(runner: _Runner, tools: list[str], results: dict, per_threads: in
                     p.unlink(missing_ok=True)
         if not cfg.keep_fits and fits_dir.is_dir() and not any(fits_dir.iterdir()):
             fits_dir.rmdir()
+
+
+def _cold_from_sibling(runner, where, spec, threads, tags, sib, sib_info) -> None:
+    """``--bucket-reuse``: a new cache filled by a first run on ``sib`` (another dataset of
+    the tier's size bucket; label ``prime``), then the tier's cold call from it (label
+    ``cold_bucket``), with the cache's entry count before and after (a reused program adds
+    none)."""
+    cache = tempfile.mkdtemp(prefix="jaxvelo-bench-sibling-")
+    env = {"JAXVELO_CACHE_DIR": cache}
+    try:
+        runner.step(
+            f"{where} · jaxvelo first run on {sib.name} ({sib.cells} cells) fills a new cache",
+            dict(spec, h5ad=sib_info["h5ad"], labels=["prime"], save_fit=None),
+            threads,
+            dict(tags, process="prime"),
+            env,
+        )
+        runner.step(
+            f"{where} · jaxvelo cold from {sib.name}'s cache",
+            dict(spec, labels=["cold_bucket"], save_fit=None),
+            threads,
+            dict(tags, process="cold_bucket"),
+            env,
+        )
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def _versions(records: list[dict]) -> dict:

@@ -11,14 +11,15 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
 
-__all__ = ["RECIPE_VERSION", "SEED", "TIERS", "Tier", "cache_path", "prepare", "public", "resolve"]
+__all__ = ["RECIPE_VERSION", "SEED", "TIERS", "Tier", "cache_path", "prepare", "public", "resolve",
+           "sibling"]  # fmt: skip
 
 RECIPE_VERSION = 1  # bump when a recipe changes: old cache files are then ignored
 SEED = 0  # simulated tiers: jaxvelo.datasets.simulated(n_obs, n_vars, seed=SEED)
@@ -101,6 +102,28 @@ def resolve(spec: str) -> list[Tier]:
     if not names:
         raise ValueError("no tier given")
     return [TIERS[n] for n in names]
+
+
+def sibling(tier: Tier) -> Tier | None:
+    """Another dataset of ``tier``'s source in the same cell-count bucket
+    (:func:`jaxvelo.core.batch.size_bucket`): ~2% fewer cells (a different seeded pancreas
+    subset, or a smaller simulation) -- for ``--bucket-reuse``, which times a cold call from
+    a compilation cache that only this sibling filled. None for the fixed fixture, or where
+    the bucket holds no other count."""
+    from jaxvelo.core.batch import size_bucket
+
+    if tier.source == "fixture":
+        return None
+    n = tier.cells
+    b = size_bucket(n)
+    m = n - max(1, n // 50)
+    while m < n and size_bucket(m) != b:
+        m += 1
+    if m >= n:
+        return None
+    what = "seeded pancreas subset" if tier.source == "pancreas" else "simulation"
+    desc = f"{tier.description} -- as a {m}-cell {what} (same size bucket)"
+    return replace(tier, name=f"{tier.name}_sibling", n_obs=m, hidden=True, description=desc)
 
 
 def _fingerprint(tier: Tier, data: Path | None) -> str:

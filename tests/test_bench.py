@@ -122,6 +122,19 @@ def test_tier_registry():
         tiers.resolve(" , ")
 
 
+def test_tier_siblings():
+    """``--bucket-reuse``'s other dataset: ~2% fewer cells, same size bucket."""
+    from jaxvelo.core.batch import size_bucket
+
+    assert tiers.sibling(tiers.TIERS["fixture"]) is None
+    for name, cells in (("tiny", 196), ("small", 1473), ("medium", 3623), ("large", 9729),
+                        ("xlarge", 49_153)):  # fmt: skip
+        tier = tiers.TIERS[name]
+        sib = tiers.sibling(tier)
+        assert sib.n_obs == cells and sib.source == tier.source and sib.hidden
+        assert size_bucket(cells) == size_bucket(tier.cells) and cells < tier.cells
+
+
 def test_tier_cache_path(tmp_path):
     large, small = tiers.TIERS["large"], tiers.TIERS["small"]
     p = tiers.cache_path(large, tmp_path)
@@ -242,6 +255,37 @@ def test_write_results(tmp_path):
         assert (tmp_path / png).read_bytes()[:8] == PNG_MAGIC
 
 
+def test_bucket_reuse_report():
+    """``--bucket-reuse`` records: the sibling's first run (``prime``) and the tier's cold
+    call from its cache (``cold_bucket``); reused when the cold call added no entry."""
+    meas = []
+    for rep, (c, b, entries) in enumerate([(20, 21, 1), (22, 19, 1), (21, 23, 1)]):
+        meas += [
+            _fit("medium", 2, "scvelo", "run", {"run": 180.0}, rep),
+            _fit("medium", 2, "jaxvelo", "first", {"first": 45, "warm": 20}, rep, cache_entries=1),
+            _fit("medium", 2, "jaxvelo", "cold", {"cold": c}, rep),
+            _fit("medium", 2, "jaxvelo", "prime", {"prime": 44}, rep, cache_entries=1),
+            _fit(
+                "medium",
+                2,
+                "jaxvelo",
+                "cold_bucket",
+                {"cold_bucket": b},
+                rep,
+                cache_entries=entries,
+            ),  # fmt: skip
+        ]
+    (row,) = report.summarize(meas)
+    j = row["tools"]["jaxvelo"]
+    assert (j["cold_s"], j["cold_bucket_s"], j["speedup_cold_bucket"]) == (21, 21, 180 / 21)
+    assert j["bucket_reused"] is True and j["first_s"] == 45  # the prime is not a first run
+    md = report.markdown({"meta": {}, "summary": [row],
+                          "tiers": {"medium_sibling": {"n_obs": 3623}}})  # fmt: skip
+    assert "| medium | 2 | 3623 | 21.0 | 21.0 | 8.57× / 8.57× | yes |" in md
+    meas[-1]["cache_entries"] = 2  # the last cold call compiled a program of its own
+    assert report.summarize(meas)[0]["tools"]["jaxvelo"]["bucket_reused"] is False
+
+
 def test_write_results_without_measurements(tmp_path):
     report.write(tmp_path, {"meta": {}, "measurements": []})
     assert json.loads((tmp_path / "results.json").read_text())["summary"] == []
@@ -286,14 +330,19 @@ def test_end_to_end_scvelo_only(tmp_path):
 
 @pytest.mark.slow
 def test_end_to_end_with_jaxvelo(tmp_path):
-    """Real scVelo and jaxvelo runs; minutes while a fresh process compiles jaxvelo's program."""
-    rc, out = _run_tiny(tmp_path, "--tools", "scvelo,jaxvelo")
+    """Real scVelo and jaxvelo runs; minutes while a fresh process compiles jaxvelo's program.
+    With ``--bucket-reuse``: the 196-cell sibling's first run fills a cache from which the
+    200-cell tier's cold call runs without a new program."""
+    rc, out = _run_tiny(tmp_path, "--tools", "scvelo,jaxvelo", "--bucket-reuse")
     assert rc == 0
     data = _check_outputs(out)
     j = data["summary"][0]["tools"]["jaxvelo"]
     for key in ("first_s", "cold_s", "warm_s", "compile_s", "speedup_cold", "speedup_warm",
-                "peak_rss_mb"):  # fmt: skip
+                "peak_rss_mb", "cold_bucket_s", "speedup_cold_bucket"):  # fmt: skip
         assert j[key] is not None and j[key] > 0, key
+    assert j["bucket_reused"] is True
+    assert data["tiers"]["tiny_sibling"]["n_obs"] == 196
+    assert "## Cold from another dataset's cache" in (out / "results.md").read_text()
     c = data["summary"][0]["concordance"]["jaxvelo"]
     assert c["n_genes_differ"] == 0 and {"pearson", "frac_within_1e6", "passed"} <= c.keys()
     assert not (out / "fits").exists()  # removed after the concordance without --keep-fits
