@@ -353,8 +353,8 @@ class _Alt(NamedTuple):
     fl: obj.Flags
 
 
-def _alternative(state: EMState, st: Static, cand: Candidate, r0: _Eval, r1: _Eval, t32_c,
-                 cfg) -> _Alt:  # fmt: skip
+def _alternative(state: EMState, st: Static, cand: Candidate, r0: _Eval, r1: _Eval,
+                 t32_c) -> _Alt:  # fmt: skip
     """The adjust-t_ alternative of ``update()`` (core ~337-353) from the evaluations of
     the proposed (``r0``) and the current (``r1``) parameters."""
     no = jnp.asarray(False)
@@ -380,12 +380,12 @@ def _alternative(state: EMState, st: Static, cand: Candidate, r0: _Eval, r1: _Ev
     return _Alt(perform, b, p, f32, beta_int, t32, try_alt, p_alt, fl)
 
 
-def _update_input(k, state: EMState, st: Static, cand: Candidate, r0: _Eval, r1: _Eval, t32_c,
-                  cfg):  # fmt: skip
+def _update_input(k, state: EMState, st: Static, cand: Candidate, r0: _Eval, r1: _Eval,
+                  t32_c):  # fmt: skip
     """Parameters and float32 flags of ``update()``'s evaluation ``k``: 0 the proposed
     parameters, 1 the current ones, 2 the adjust-t_ alternative."""
     no = jnp.asarray(False)
-    alt = _alternative(state, st, cand, r0, r1, t32_c, cfg)
+    alt = _alternative(state, st, cand, r0, r1, t32_c)
     fl_new = _flags(cand.f32, cand.beta_int, no, state.ratio32)
     fl_cur = _flags(state.f32, state.beta_int, no, state.ratio32)
 
@@ -397,8 +397,8 @@ def _update_input(k, state: EMState, st: Static, cand: Candidate, r0: _Eval, r1:
     return p, fl
 
 
-def _update_outcome(state: EMState, st: Static, cand: Candidate, rows: tuple, adjust_t_, t32_c,
-                    cfg):  # fmt: skip
+def _update_outcome(state: EMState, st: Static, cand: Candidate, rows: tuple, adjust_t_,
+                    t32_c):  # fmt: skip
     """``update()``'s decision (core ~324-378) from its evaluations ``rows`` (0: the
     proposed parameters, 1: the current ones re-assigned, 2: the adjust-t_ alternative):
     the arguments of :func:`_commit`."""
@@ -408,7 +408,7 @@ def _update_outcome(state: EMState, st: Static, cand: Candidate, rows: tuple, ad
              cand.beta_int, no)  # fmt: skip
     if isinstance(adjust_t_, bool) and not adjust_t_:
         return plain
-    a = _alternative(state, st, cand, r0, r1, t32_c, cfg)
+    a = _alternative(state, st, cand, r0, r1, t32_c)
     alpha, beta, gamma, _, t_ = _vars(a.pars)
     # unspliced(t_, 0, alpha, beta) on numpy scalars (float32 where they are)
     ut_cur = obj.switch_state(t_, alpha, beta, gamma, _flags(a.f32, a.beta_int, no, no))[0]
@@ -637,7 +637,7 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
             return _row(stack, 0), _select(recompute, _row(stack, 1), _stored(em)), _row(stack, 2)
 
         # --- what to evaluate: the update()'s next evaluation or the stage's simplex point
-        p, fl = _update_input(m.k, em, st, m.cand, *rows_of(m.evals)[:2], t32_c, cfg)
+        p, fl = _update_input(m.k, em, st, m.cand, *rows_of(m.evals)[:2], t32_c)
         refit = jnp.asarray(cfg.fit_time)
         pts = [nm_propose(nm) for nm in m.nm]
         for g, spec in enumerate(stages):
@@ -682,7 +682,7 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
         )
         k_next = _next_eval(m.k, adjust, recompute)
         decided = k_next == 3
-        ok, *outcome = _update_outcome(em, st, m.cand, rows_of(evals), adjust, t32_c, cfg)
+        ok, *outcome = _update_outcome(em, st, m.cand, rows_of(evals), adjust, t32_c)
         # a finished gene (re-running the last update()) keeps its state: the loop does not
         # freeze finished genes (while_any), and only ``em`` is read after it
         em_new = _commit(em, ok & ~m.done, *outcome)
