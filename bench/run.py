@@ -26,6 +26,7 @@ gets ``--xla_cpu_multi_thread_eigen=false``. Both tools get ``n_jobs=N``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib.util
 import json
@@ -495,9 +496,7 @@ def _run_tiers(runner: _Runner, tools: list[str], results: dict, per_threads: in
                             dict(tags, process="run"),
                         )
                     else:
-                        cache = tempfile.mkdtemp(prefix=f"jaxvelo-bench-{tier.name}-")
-                        env = {"JAXVELO_CACHE_DIR": cache}
-                        try:
+                        with _fresh_cache(f"jaxvelo-bench-{tier.name}-") as env:
                             rec = runner.step(
                                 f"{where} · jaxvelo first run (empty cache) + warm",
                                 dict(spec, labels=["first", "warm"]),
@@ -520,8 +519,6 @@ def _run_tiers(runner: _Runner, tools: list[str], results: dict, per_threads: in
                                 dict(tags, process="cold"),
                                 env,
                             )
-                        finally:
-                            shutil.rmtree(cache, ignore_errors=True)
                         if sib_info is not None:
                             _cold_from_sibling(runner, where, spec, threads, tags, sib, sib_info)
                     if keep is not None and not rec.get("error"):
@@ -555,9 +552,7 @@ def _cold_from_sibling(runner, where, spec, threads, tags, sib, sib_info) -> Non
     the tier's size bucket; label ``prime``), then the tier's cold call from it (label
     ``cold_bucket``), with the cache's entry count before and after (a reused program adds
     none)."""
-    cache = tempfile.mkdtemp(prefix="jaxvelo-bench-sibling-")
-    env = {"JAXVELO_CACHE_DIR": cache}
-    try:
+    with _fresh_cache("jaxvelo-bench-sibling-") as env:
         runner.step(
             f"{where} · jaxvelo first run on {sib.name} ({sib.cells} cells) fills a new cache",
             dict(spec, h5ad=sib_info["h5ad"], labels=["prime"], save_fit=None),
@@ -572,6 +567,15 @@ def _cold_from_sibling(runner, where, spec, threads, tags, sib, sib_info) -> Non
             dict(tags, process="cold_bucket"),
             env,
         )
+
+
+@contextlib.contextmanager
+def _fresh_cache(prefix: str):
+    """A new, empty ``JAXVELO_CACHE_DIR`` for a sequence of steps (their extra environment),
+    deleted afterwards."""
+    cache = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield {"JAXVELO_CACHE_DIR": cache}
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 

@@ -63,11 +63,10 @@ def _smooth_cells_first(nbrs: Neighbors, x: Array) -> Array:
     dtype = jnp.result_type(nbrs.val, x)
     start = nbrs.ptr[:-1]
     deg = nbrs.ptr[1:] - start
-    last = max(nbrs.idx.shape[0] - 1, 0)
 
     def body(k, acc):
         ok = k < deg
-        e = jnp.where(ok, start + k, 0).clip(0, last)
+        e = jnp.where(ok, start + k, 0)  # in range where ok (< ptr[-1] <= len(idx))
         # XLA's CPU backend would contract ``acc + a * x`` into one fused multiply-add
         # (one rounding where scipy rounds twice); the barrier keeps scipy's rounding.
         term = fma_barrier(nbrs.val[e].astype(dtype)[:, None] * x[nbrs.idx[e]])

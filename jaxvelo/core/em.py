@@ -154,8 +154,8 @@ class Static(NamedTuple):
     std_u: Array
     std_s: Array
     data32: Array  # () bool: the layers are float32 (scv.pp.moments)
-    valid: Array | None = None  # (n_obs,) bool: real cells (None: all; see GeneData.n)
-    n: Array | int = 0  # real cell count (len(t) upstream)
+    valid: Array | None  # (n_obs,) bool: real cells (None: all; see GeneData.n)
+    n: Array | int  # real cell count (len(t) upstream); both from _cells
 
 
 def _cells(gd: GeneData) -> dict:
