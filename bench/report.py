@@ -124,6 +124,8 @@ def summarize(records: list[dict]) -> list[dict]:
                     "n_genes_differ",
                     "pearson",
                     "frac_within_1e6",
+                    "frac_bitwise",
+                    "frac_t_bitwise",
                     "max_rel_diff",
                     "velocity_pearson",
                     "passed",
@@ -231,7 +233,8 @@ def _concordance_table(summary: list[dict]) -> str | None:
         for tool, c in row["concordance"].items():
             if c.get("error"):
                 lines.append(
-                    f"| {row['tier']} | {row['threads']} | {tool} | failed: {c['error']} | | | | |"
+                    f"| {row['tier']} | {row['threads']} | {tool} "
+                    f"| failed: {c['error']} | | | | | |"
                 )
                 continue
             p = c.get("pearson", {})
@@ -241,10 +244,12 @@ def _concordance_table(summary: list[dict]) -> str | None:
             div = c.get("n_diverging") or 0
             names = ", ".join(c.get("diverging_genes") or [])
             frac = c.get("frac_within_1e6")
+            bits = c.get("frac_bitwise")
             lines.append(
                 f"| {row['tier']} | {row['threads']} | {TOOL_NAMES.get(tool, tool)} "
                 f"| {c.get('n_genes_ref')} / {c.get('n_genes_test')} ({c.get('n_genes_differ')}) "
                 f"| {pear} | {_f(None if frac is None else 100 * frac, '.2f', '%')} "
+                f"| {_f(None if bits is None else 100 * bits, '.2f', '%')} "
                 f"| {_f(c.get('velocity_pearson'), '.7f')} "
                 f"| {'passed' if c.get('passed') else 'failed'}"
                 f"{f' ({div} diverging: {names})' if div else ''} |"
@@ -253,8 +258,8 @@ def _concordance_table(summary: list[dict]) -> str | None:
         return None
     head = (
         "| tier | threads | tool | genes fitted scVelo / tool (differing) "
-        "| Pearson α / β / γ / t_ / likelihood | genes within 1e-6 | velocity Pearson "
-        "| gate |\n|---|---|---|---|---|---|---|---|"
+        "| Pearson α / β / γ / t_ / likelihood | genes within 1e-6 | genes bitwise "
+        "| velocity Pearson | gate |\n|---|---|---|---|---|---|---|---|---|"
     )
     return head + "\n" + "\n".join(lines)
 

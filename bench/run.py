@@ -291,7 +291,8 @@ def _describe(rec: dict) -> str:
     if rec["role"] == "concordance":
         return (
             f"genes differing {rec['n_genes_differ']}, within 1e-6 "
-            f"{100 * rec['frac_within_1e6']:.2f}%, gate "
+            f"{100 * rec['frac_within_1e6']:.2f}%, bitwise "
+            f"{100 * (rec.get('frac_bitwise') or 0):.2f}%, gate "
             f"{'passed' if rec['passed'] else 'FAILED'}"
         )
     return f"done in {rec['wall_s']:.1f} s"

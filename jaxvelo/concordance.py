@@ -28,6 +28,10 @@ class Concordance:
     max_rel_diff: dict[str, float]
     diverging_genes: list[str] = field(default_factory=list)
     velocity_pearson: float | None = None
+    # not part of the gate: genes whose alpha/beta/gamma/t_/scaling/likelihood are upstream's
+    # bit for bit, and of those (both fits have layer fit_t) whose fit_t column is too
+    frac_bitwise: float | None = None
+    frac_t_bitwise: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -57,6 +61,11 @@ class Concordance:
         if self.diverging_genes:
             lines.append(f"diverging genes ({len(self.diverging_genes)}): "
                          + ", ".join(self.diverging_genes[:20]))  # fmt: skip
+        if self.frac_bitwise is not None:
+            lines.append(f"genes bitwise equal on {'/'.join(EXACT_PARS)}: "
+                         f"{100 * self.frac_bitwise:.2f}%"
+                         + ("" if self.frac_t_bitwise is None else
+                            f" (and on fit_t: {100 * self.frac_t_bitwise:.2f}%)"))  # fmt: skip
         lines.append("gate: " + ("PASSED" if self.passed else "FAILED"))
         return "\n".join(lines)
 
@@ -76,6 +85,7 @@ def compare(ref, test, velocity: bool = True) -> Concordance:
     both = fr & ft
     pearson, maxrel = {}, {}
     rel_all = np.zeros(both.sum())
+    bitwise = np.ones(both.sum(), bool)
     for name in dict.fromkeys(PEARSON_PARS + EXACT_PARS):
         a = ref.var[f"fit_{name}"].to_numpy(float)[both]
         b = test.var[f"fit_{name}"].to_numpy(float)[both]
@@ -86,10 +96,16 @@ def compare(ref, test, velocity: bool = True) -> Concordance:
         maxrel[name] = float(r.max()) if len(r) else 0.0
         if name in EXACT_PARS:
             rel_all = np.maximum(rel_all, r)
+            bitwise &= (a == b) | (np.isnan(a) & np.isnan(b))
     within = rel_all <= 1e-6
     names = np.asarray(ref.var_names)[both]
     order = np.argsort(-rel_all)
     diverging = [str(names[i]) for i in order if not within[i]]
+    frac_t = None
+    if "fit_t" in ref.layers and "fit_t" in test.layers and bitwise.any():
+        cols = np.flatnonzero(both)[bitwise]
+        a, b = (np.asarray(x.layers["fit_t"][:, cols], float) for x in (ref, test))
+        frac_t = float(np.all((a == b) | (np.isnan(a) & np.isnan(b)), axis=0).mean())
     vp = None
     if velocity:
         vp = velocity_pearson(ref, test)
@@ -102,6 +118,8 @@ def compare(ref, test, velocity: bool = True) -> Concordance:
         max_rel_diff=maxrel,
         diverging_genes=diverging,
         velocity_pearson=vp,
+        frac_bitwise=float(bitwise.mean()) if len(bitwise) else 1.0,
+        frac_t_bitwise=frac_t,
     )
 
 

@@ -174,13 +174,23 @@ def _spec(tree) -> list:
             for x in jax.tree_util.tree_leaves(tree)]  # fmt: skip
 
 
+def _numpy_exp_log(host: bool) -> bool:
+    """Whether the program's float64 exp/log call numpy's SVML (a different program)."""
+    if not host:
+        return False
+    from . import host_kernels
+
+    return host_kernels.svml_available()
+
+
 def _key(cfg, has_nbrs, init_vals, host, gd, nb, ld) -> str:
     import jaxlib
 
     dev = jax.devices()[0]
     parts = (
         jax.__version__, jaxlib.__version__, dev.platform, getattr(dev, "device_kind", ""),
-        _core_hash(), repr(cfg), has_nbrs, init_vals, host, native_f32_division(),
+        _core_hash(), repr(cfg), has_nbrs, init_vals, host, _numpy_exp_log(host),
+        native_f32_division(),
         _spec(gd), _spec(nb), _spec(ld), repr(jax.tree_util.tree_structure(nb)), COMPILER_OPTIONS,
     )  # fmt: skip
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]

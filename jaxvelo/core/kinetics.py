@@ -12,22 +12,24 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from .npmath import np_exp32, np_log32
+from .npmath import np_exp32, np_exp64, np_log32, np_log64
 from .numerics import divide, true_divide, where_lazy
 from .numerics import fma_barrier as fb
 from .numerics import round32 as _r32
 
 
 def _exp(x: Array) -> Array:
-    """``np.exp``: numpy's own (not correctly rounded) float32 kernel for float32 input."""
+    """``np.exp``: numpy's own (not correctly rounded) float32 kernel for float32 input,
+    numpy's float64 one (SVML, where numpy uses it) for float64 input."""
     x = jnp.asarray(x)
-    return np_exp32(x) if x.dtype == jnp.float32 else jnp.exp(x)
+    return np_exp32(x) if x.dtype == jnp.float32 else np_exp64(x)
 
 
 def _log(x: Array) -> Array:
-    """``np.log``: numpy's own float32 kernel for float32 input."""
+    """``np.log``: numpy's own float32 kernel for float32 input, its float64 one (see
+    :func:`_exp`) for float64 input."""
     x = jnp.asarray(x)
-    return np_log32(x) if x.dtype == jnp.float32 else jnp.log(x)
+    return np_log32(x) if x.dtype == jnp.float32 else np_log64(x)
 
 
 def invert(x: Array) -> Array:

@@ -73,7 +73,15 @@ from jax import lax
 
 from jaxvelo.core.numerics import divide, fma_barrier, native_f32_division
 
-__all__ = ["fma32", "np_exp32", "np_log32", "numpy_kernel_info", "numpy_matches_npmath"]
+__all__ = [
+    "fma32",
+    "np_exp32",
+    "np_exp64",
+    "np_log32",
+    "np_log64",
+    "numpy_kernel_info",
+    "numpy_matches_npmath",
+]
 
 _f32 = np.float32
 
@@ -446,6 +454,66 @@ def np_log32(x: jax.Array) -> jax.Array:
         ``log(nan) = +nan``, ``log(inf) = inf``; subnormal inputs are exact.
     """
     return _log_jit(x)
+
+
+# ------------------------------------------------------------------------- float64
+
+
+def _svml(x: jax.Array) -> bool:
+    """Whether float64 ``x``'s exp/log go to numpy's own SVML functions (CPU backend,
+    :func:`jaxvelo.core.host_kernels.svml_available`)."""
+    from .assign import use_host_kernels
+
+    if x.dtype != jnp.float64 or not use_host_kernels():
+        return False
+    from . import host_kernels
+
+    return host_kernels.svml_available()
+
+
+def _svml_call(x: jax.Array, op: int) -> jax.Array:
+    from . import host_kernels
+
+    call = jax.ffi.ffi_call(host_kernels.register_svml(), jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            vmap_method="broadcast_all")  # fmt: skip
+    return call(x, jnp.full((1,), op, jnp.int32))
+
+
+# Differentiable (the gradient mode's loss goes through the ODE solution): the tangents
+# are JAX's own rules for exp and log (``g * ans``, ``g / x``).
+@jax.custom_jvp
+def _svml_exp(x: jax.Array) -> jax.Array:
+    return _svml_call(x, 0)
+
+
+@_svml_exp.defjvp
+def _svml_exp_jvp(primals, tangents):
+    y = _svml_exp(primals[0])
+    return y, tangents[0] * y
+
+
+@jax.custom_jvp
+def _svml_log(x: jax.Array) -> jax.Array:
+    return _svml_call(x, 1)
+
+
+@_svml_log.defjvp
+def _svml_log_jvp(primals, tangents):
+    return _svml_log(primals[0]), tangents[0] / primals[0]
+
+
+def np_exp64(x: jax.Array) -> jax.Array:
+    """``np.exp`` on float64 as this process's numpy computes it, where that is known:
+    on the CPU backend with numpy's SVML kernels (AVX512_SKX, Linux wheels) a custom call
+    of those very functions (bit for bit); elsewhere XLA's ``exp`` (within an ulp)."""
+    x = jnp.asarray(x)
+    return _svml_exp(x) if _svml(x) else jnp.exp(x)
+
+
+def np_log64(x: jax.Array) -> jax.Array:
+    """``np.log`` on float64, like :func:`np_exp64` (XLA's ``log`` is glibc's there)."""
+    x = jnp.asarray(x)
+    return _svml_log(x) if _svml(x) else jnp.log(x)
 
 
 # ------------------------------------------------------------------- run-time check

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from jax import Array
 
-from .npmath import np_exp32
+from .npmath import np_exp32, np_exp64, np_log64
 from .numerics import fma_barrier as fb
 from .numerics import pairwise_sum, pairwise_sum_at, stable_partition, true_divide
 from .numerics import round32 as r32
@@ -57,7 +57,7 @@ NO_FLAGS = Flags()  # everything float64
 def exp_r32(x: Array, flag) -> Array:
     """``np.exp`` of a float64 or (where ``flag``) a numpy float32 value: numpy's float32
     exp is not correctly rounded, so its SIMD kernel is ported (:mod:`.npmath`)."""
-    return jnp.where(flag, np_exp32(x), jnp.exp(x))
+    return jnp.where(flag, np_exp32(x), np_exp64(x))
 
 
 def switch_state(t_, alpha, beta, gamma, fl: Flags) -> tuple[Array, Array]:
@@ -114,8 +114,8 @@ def dists(
     s0 = s0_ * (1 - o)
     alpha_v = alpha * o
     # SplicingDynamics.get_solution on arrays; only invert(gamma - beta) is scalar
-    expu = jnp.exp(-beta * tau)
-    exps = jnp.exp(-gamma * tau)
+    expu = np_exp64(-beta * tau)
+    exps = np_exp64(-gamma * tau)
     ut = fb(u0 * expu) + fb(true_divide(alpha_v, beta) * (1 - expu))
     gb = fl.gamma & fl.beta
     inv = r32(1 / r32(gamma - beta, gb), gb)
@@ -181,7 +181,7 @@ def loglikelihood(
     varx = _masked_mean(distx, sub.n) - _masked_mean(signed, sub.n) ** 2
     varx = varx + (varx == 0)
     loglik = -1 / 2 / n * pairwise_sum(distx, sub.n) / varx
-    loglik = loglik - 1 / 2 * jnp.log(2 * jnp.pi * varx)
+    loglik = loglik - 1 / 2 * np_log64(2 * jnp.pi * varx)
     return loglik
 
 
@@ -189,7 +189,7 @@ def likelihood(
     t, u, s, sub: Subset, pars, std_u, std_s, ratio, n_obs: int | Array, fl: Flags = NO_FLAGS
 ) -> Array:
     """``get_likelihood``: ``exp(get_loglikelihood(weighted="upper"))``."""
-    return jnp.exp(loglikelihood(t, u, s, sub, pars, std_u, std_s, ratio, n_obs, fl))
+    return np_exp64(loglikelihood(t, u, s, sub, pars, std_u, std_s, ratio, n_obs, fl))
 
 
 def variance(t, u, s, sub: Subset, pars, std_u, std_s, ratio, fl: Flags = NO_FLAGS) -> Array:
