@@ -19,6 +19,18 @@ from jaxvelo.concordance import compare
 # The gate of the core issue: >= 99% of fitted genes within 1e-6 relative on all of alpha,
 # beta, gamma, t_, scaling and likelihood (measured: 100% on both, docs/concordance.md).
 FLOOR_WITHIN_1E6 = {"fixture": 0.99, "pancreas1500": 0.99}
+# Not gated: genes whose six values are upstream's bit for bit, where the program calls
+# numpy's own float64 exp/log (measured at fe24983: fixture 98.42%, 1500 cells 97.85%;
+# with XLA's exp/log 48.00% and 60.82%).
+FLOOR_BITWISE = {"fixture": 0.97, "pancreas1500": 0.96}
+
+
+def _check_bitwise(c, tier: str) -> None:
+    from jaxvelo.core import host_kernels
+
+    if host_kernels.svml_available():
+        assert c.frac_bitwise >= FLOOR_BITWISE[tier], c.summary()
+        assert c.frac_t_bitwise == 1.0, c.summary()
 
 
 def _upstream(adata, **kw):
@@ -62,6 +74,7 @@ def test_fixture_concordance(fixture_fits):
         assert c.pearson[name] >= 0.999, (name, c.pearson[name])
     assert c.velocity_pearson >= 0.999
     assert c.frac_within_1e6 >= FLOOR_WITHIN_1E6["fixture"], c.summary()
+    _check_bitwise(c, "fixture")
 
 
 def test_outputs_have_upstream_structure(fixture_fits):
@@ -131,6 +144,7 @@ def test_pancreas_1500_concordance():
         assert c.pearson[name] >= 0.999, (name, c.pearson[name])
     assert c.velocity_pearson >= 0.999
     assert c.frac_within_1e6 >= FLOOR_WITHIN_1E6["pancreas1500"], c.summary()
+    _check_bitwise(c, "pancreas1500")
     # the batch-size model (jaxvelo.core.batch.working_bytes) bounds the working memory of
     # the real data's program (a 16-gene batch of 1500 cells)
     from jaxvelo.core import batch

@@ -1245,8 +1245,10 @@ def _svml_symbols() -> bool:
 
 
 def svml_exp_log(x: np.ndarray, op: int) -> np.ndarray:
-    """Run the kernel on a numpy float64 array (``op`` 0: exp, 1: log); needs
-    :func:`svml_available`."""
+    """Run the kernel on a numpy float64 array (``op`` 0: exp, 1: log); needs numpy's
+    SVML functions (check :func:`svml_available` for whether they give numpy's bits)."""
+    if not _svml_symbols():  # also what lets numba link the kernel
+        raise RuntimeError("numpy's SVML exp/log are not available in this process")
     x = np.ascontiguousarray(x, np.float64)
     out = np.empty_like(x)
     _svml_apply(x.reshape(-1), out.reshape(-1), op)
