@@ -70,6 +70,11 @@ class Concordance:
         return "\n".join(lines)
 
 
+def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Equal values, NaN equal to NaN."""
+    return (a == b) | (np.isnan(a) & np.isnan(b))
+
+
 def _rel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     scale = np.maximum(np.abs(a), np.abs(b))
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -96,7 +101,7 @@ def compare(ref, test, velocity: bool = True) -> Concordance:
         maxrel[name] = float(r.max()) if len(r) else 0.0
         if name in EXACT_PARS:
             rel_all = np.maximum(rel_all, r)
-            bitwise &= (a == b) | (np.isnan(a) & np.isnan(b))
+            bitwise &= _same(a, b)
     within = rel_all <= 1e-6
     names = np.asarray(ref.var_names)[both]
     order = np.argsort(-rel_all)
@@ -105,7 +110,7 @@ def compare(ref, test, velocity: bool = True) -> Concordance:
     if "fit_t" in ref.layers and "fit_t" in test.layers and bitwise.any():
         cols = np.flatnonzero(both)[bitwise]
         a, b = (np.asarray(x.layers["fit_t"][:, cols], float) for x in (ref, test))
-        frac_t = float(np.all((a == b) | (np.isnan(a) & np.isnan(b)), axis=0).mean())
+        frac_t = float(np.all(_same(a, b), axis=0).mean())
     vp = None
     if velocity:
         vp = velocity_pearson(ref, test)

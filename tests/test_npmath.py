@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _bitwise import assert_bitwise
 
 from jaxvelo.core import npmath
 
@@ -36,17 +37,6 @@ XMIN = np.float32(-103.97208404541015625)
 def ref(fn, x):
     with np.errstate(all="ignore"):
         return fn(x)
-
-
-def assert_bitwise(got, want) -> None:
-    """Same dtype and bytes (NaN sign and payload, signed zeros, subnormals all count)."""
-    got = np.atleast_1d(np.asarray(got))
-    want = np.atleast_1d(np.asarray(want))
-    assert got.dtype == want.dtype, (got.dtype, want.dtype)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    u = np.dtype(f"u{got.dtype.itemsize}")
-    bad = got.view(u) != want.view(u)
-    assert not bad.any(), f"{bad.sum()} differ, e.g. {got[bad][:5]} vs {want[bad][:5]}"
 
 
 def quadrant_ties() -> np.ndarray:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
+from _bitwise import assert_bitwise
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -38,15 +39,6 @@ j_linspace = jax.jit(nm.np_linspace, static_argnums=2)
 j_kde = jax.jit(nm.gaussian_kde_eval)
 j_bimod = jax.jit(nm.test_bimodality)
 j_bimod_from_kde = jax.jit(nm.bimodality_from_kde)
-
-
-def assert_bitwise(got, want) -> None:
-    """Same dtype and same bytes (so -0.0 != 0.0 and NaN payloads count)."""
-    got = np.atleast_1d(np.asarray(got))
-    want = np.atleast_1d(np.asarray(want))
-    assert got.dtype == want.dtype, (got.dtype, want.dtype)
-    bits = np.dtype(f"u{got.dtype.itemsize}")
-    np.testing.assert_array_equal(got.view(bits), want.view(bits), err_msg=f"{got} vs {want}")
 
 
 def scrna_like(rng: np.random.Generator, size: int, dtype) -> np.ndarray:

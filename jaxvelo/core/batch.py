@@ -33,6 +33,7 @@ import numpy as np
 from .assign import Neighbors, use_host_kernels
 from .em import FitConfig, GeneData, GeneResult, Loaded, fit_gene
 from .gradient import GradientConfig, fit_gene_gradient
+from .npmath import numpy_exp_log64
 from .numerics import native_f32_division
 
 
@@ -174,22 +175,13 @@ def _spec(tree) -> list:
             for x in jax.tree_util.tree_leaves(tree)]  # fmt: skip
 
 
-def _numpy_exp_log(host: bool) -> bool:
-    """Whether the program's float64 exp/log call numpy's SVML (a different program)."""
-    if not host:
-        return False
-    from . import host_kernels
-
-    return host_kernels.svml_available()
-
-
 def _key(cfg, has_nbrs, init_vals, host, gd, nb, ld) -> str:
     import jaxlib
 
     dev = jax.devices()[0]
     parts = (
         jax.__version__, jaxlib.__version__, dev.platform, getattr(dev, "device_kind", ""),
-        _core_hash(), repr(cfg), has_nbrs, init_vals, host, _numpy_exp_log(host),
+        _core_hash(), repr(cfg), has_nbrs, init_vals, host, numpy_exp_log64(),
         native_f32_division(),
         _spec(gd), _spec(nb), _spec(ld), repr(jax.tree_util.tree_structure(nb)), COMPILER_OPTIONS,
     )  # fmt: skip

@@ -1189,24 +1189,26 @@ def _mxcsr(typingctx, value):
 
 
 @nb.njit(cache=True, nogil=True)
+def _svml_op8(src, dst, k, op):
+    if op == 0:
+        _svml_exp8(src, dst, k)
+    else:
+        _svml_log8(src, dst, k)
+
+
+@nb.njit(cache=True, nogil=True)
 def _svml_apply(x, out, op):
     """``np.exp(x)`` (op 0) or ``np.log(x)`` (op 1) of a flat float64 array into ``out``,
     vector by vector as numpy's loop does (its partial last vector padded with 1.0)."""
     n = x.size
     m = n - n % 8
     for k in range(0, m, 8):
-        if op == 0:
-            _svml_exp8(x, out, k)
-        else:
-            _svml_log8(x, out, k)
+        _svml_op8(x, out, k, op)
     if m < n:
         src = np.ones(8)
         dst = np.empty(8)
         src[: n - m] = x[m:]
-        if op == 0:
-            _svml_exp8(src, dst, 0)
-        else:
-            _svml_log8(src, dst, 0)
+        _svml_op8(src, dst, 0, op)
         out[m:] = dst[: n - m]
 
 

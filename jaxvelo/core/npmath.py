@@ -79,6 +79,7 @@ __all__ = [
     "np_exp64",
     "np_log32",
     "np_log64",
+    "numpy_exp_log64",
     "numpy_kernel_info",
     "numpy_matches_npmath",
 ]
@@ -459,16 +460,21 @@ def np_log32(x: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------- float64
 
 
-def _svml(x: jax.Array) -> bool:
-    """Whether float64 ``x``'s exp/log go to numpy's own SVML functions (CPU backend,
-    :func:`jaxvelo.core.host_kernels.svml_available`)."""
+def numpy_exp_log64() -> bool:
+    """Whether programs traced now compute float64 exp/log by numpy's own SVML functions
+    (CPU backend, :func:`jaxvelo.core.host_kernels.svml_available`); part of a compiled
+    program's cache key."""
     from .assign import use_host_kernels
 
-    if x.dtype != jnp.float64 or not use_host_kernels():
+    if not use_host_kernels():
         return False
     from . import host_kernels
 
     return host_kernels.svml_available()
+
+
+def _svml(x: jax.Array) -> bool:
+    return x.dtype == jnp.float64 and numpy_exp_log64()
 
 
 def _svml_call(x: jax.Array, op: int) -> jax.Array:
