@@ -1,11 +1,12 @@
-"""numpy's float64 ``np.exp`` / ``np.log`` in the fit: the SVML functions numpy calls.
+"""numpy's float64 ``np.exp`` / ``np.log`` in the fit: numpy's own loops, called.
 
-numpy's Linux x86-64 wheels compute float64 exp/log by Intel's SVML (``__svml_exp8_ha``,
-``__svml_log8_ha``, exported by numpy itself) on CPUs with AVX512_SKX; on the CPU backend
-jaxvelo calls those same functions through a custom call (``host_kernels.register_svml``),
-elsewhere XLA's ``exp``/``log``. XLA:CPU's ``exp`` is its own polynomial and differs from
-numpy's in ~15% of results by an ulp, its ``log`` (glibc) in ~0.03%: hence the ODE solution
-and ``tau_inv`` now match upstream bit for bit here where they matched to ~1e-13 before.
+numpy's Linux x86-64 wheels compute float64 exp/log by Intel's SVML on CPUs with AVX512_SKX,
+by their own AVX512F kernels or by libm elsewhere; on the CPU backend jaxvelo calls numpy's
+loop itself through a custom call (``host_kernels.register_numpy_exp_log``), so it gets
+whichever numpy runs; other backends use XLA's ``exp``/``log``. XLA:CPU's ``exp`` is its
+own polynomial and differs from numpy's in ~15% of results by an ulp, its ``log`` (glibc) in
+~0.03%: hence the ODE solution and ``tau_inv`` now match upstream bit for bit here where they
+matched to ~1e-13 before.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from scvelo.tools import _em_model_utils as up
 from jaxvelo.core import host_kernels, kinetics, npmath
 
 pytestmark = pytest.mark.skipif(
-    not host_kernels.svml_available(),
-    reason="numpy does not run SVML's float64 exp/log on this CPU (no AVX512_SKX, or a "
-    "numpy build without SVML): XLA's exp/log are used, within an ulp of numpy's",
+    not host_kernels.numpy_exp_log_available(),
+    reason="numpy's exp/log loops are not usable in this process (numpy without the "
+    "ufunc loop API, or the run-time check failed): XLA's exp/log are used",
 )
 
 
@@ -49,7 +50,7 @@ def test_exp_log_are_numpys_bits_eager_jit_vmap(seed):
     n = 7 * (xe.size // 7)
     assert_bitwise(jax.vmap(npmath.np_exp64)(xe[:n].reshape(7, -1)), we[:n].reshape(7, -1))
     assert_bitwise(jax.jit(jax.vmap(npmath.np_log64))(xl[:5]), wl[:5])
-    # numpy scalars go through the same loop (one lane of a vector padded with 1.0)
+    # numpy scalars go through the same loop
     with np.errstate(all="ignore"):
         scal = [np.log(np.float64(v)) for v in xl[:40]]
     assert_bitwise(jax.jit(npmath.np_log64)(xl[:40]), scal)
@@ -65,7 +66,7 @@ def test_xla_exp_differs_from_numpy_here():
 def test_switch_off_gives_xla(monkeypatch):
     x = np.random.default_rng(4).normal(0, 5, 20_000)
     monkeypatch.setenv("JAXVELO_NUMPY_EXP_LOG", "0")
-    assert not host_kernels.svml_available()
+    assert not host_kernels.numpy_exp_log_available()
     assert_bitwise(npmath.np_exp64(jnp.asarray(x)), jax.jit(jnp.exp)(x))
     monkeypatch.setenv("JAXVELO_HOST_KERNELS", "0")
     monkeypatch.delenv("JAXVELO_NUMPY_EXP_LOG")

@@ -153,8 +153,8 @@ def test_host_kernels_and_xla_versions_give_the_same_fit(monkeypatch, mode):
     nearest grid point) and the XLA versions that every other backend runs give bitwise
     the same fit of real-shaped data: simulated genes with scVelo's moments and kNN graph.
     The third run is the GPU's lowering on CPU: XLA versions and float32 quotients taken
-    in float64 (``numerics.divide``). float64 exp/log are XLA's in all three (numpy's
-    SVML on the CPU is another result by design: see the test below)."""
+    in float64 (``numerics.divide``). exp/log are XLA's in all three (numpy's own float64
+    loops on the CPU are another result by design: see the test below)."""
     from jaxvelo import datasets
     from jaxvelo.core import batch
     from jaxvelo.core.em import FitConfig

@@ -33,7 +33,7 @@ import numpy as np
 from .assign import Neighbors, use_host_kernels
 from .em import FitConfig, GeneData, GeneResult, Loaded, fit_gene
 from .gradient import GradientConfig, fit_gene_gradient
-from .npmath import numpy_exp_log64
+from .npmath import numpy_exp_log
 from .numerics import native_f32_division
 
 
@@ -181,7 +181,7 @@ def _key(cfg, has_nbrs, init_vals, host, gd, nb, ld) -> str:
     dev = jax.devices()[0]
     parts = (
         jax.__version__, jaxlib.__version__, dev.platform, getattr(dev, "device_kind", ""),
-        _core_hash(), repr(cfg), has_nbrs, init_vals, host, numpy_exp_log64(),
+        _core_hash(), repr(cfg), has_nbrs, init_vals, host, numpy_exp_log(),
         native_f32_division(),
         _spec(gd), _spec(nb), _spec(ld), repr(jax.tree_util.tree_structure(nb)), COMPILER_OPTIONS,
     )  # fmt: skip

@@ -4,7 +4,8 @@
 the projection's nearest grid point and numpy's pairwise summation run as numba functions
 behind XLA custom calls on the CPU backend; the GPU runs the XLA versions
 (``JAXVELO_HOST_KERNELS=0`` forces them here), which give the same values
-(``tests/test_schedule.py``).
+(``tests/test_schedule.py``). ``exp``/``log`` call numpy's own loops (see "numpy's own exp
+and log" below).
 
 XLA's CPU sort is ~40x slower than numpy's, and ``adjust_increments`` sorts the assigned
 times twice and the gaps once per evaluation. On the CPU backend it therefore runs as a
@@ -40,8 +41,6 @@ import numpy as np
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
-
-from . import npmath as npm
 
 # Imported lazily (by :func:`jaxvelo.core.assign.adjust_increments` on the CPU backend):
 # numba is only needed there. Module-level functions so that numba's on-disk cache hits.
@@ -922,246 +921,101 @@ def _ffi_pairwise_f32(frame):
     return _pairwise_run(frame, np.float32(0))
 
 
-# --- numpy's float32 exp / log ------------------------------------------------------------
-# A line-by-line transcription of jaxvelo.core.npmath's XLA port of numpy's AVX512F kernels
-# (one SIMD lane of simd_exp_FLOAT / simd_log_FLOAT; see that module for the arithmetic
-# model): the same float32 operations, the same exact float32 FMA emulated in float64
-# (numba contracts nothing into FMAs without fastmath) and the same bit-level handling of
-# subnormals, so its results are the XLA port's and numpy's bit for bit (tests/test_npmath.py).
-
-
-def _bitcast(src, dst):
-    @intrinsic
-    def cast(typingctx, x):
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], context.get_value_type(dst))
-
-        return dst(src), codegen
-
-    return cast
-
-
-_f64_as_i64 = _bitcast(types.float64, types.int64)
-_i64_as_f64 = _bitcast(types.int64, types.float64)
-_f32_as_i32 = _bitcast(types.float32, types.int32)
-_i32_as_f32 = _bitcast(types.int32, types.float32)
-
-
-@nb.njit(cache=True, nogil=True, error_model="numpy")
-def _fma32(a, b, c):
-    # npmath.fma32: p = a * b exact in float64; TwoSum(p, c); round to odd; to float32
-    p = np.float64(a) * np.float64(b)
-    c64 = np.float64(c)
-    s = p + c64
-    c_virtual = s - p
-    p_virtual = s - c_virtual
-    e = (p - p_virtual) + (c64 - c_virtual)
-    bits = _f64_as_i64(s)
-    if e != 0 and (bits & 1) == 0:
-        bits += 1 if (e > 0) == (s > 0) else -1
-    return np.float32(_i64_as_f64(bits))
-
-
-_X_EXP_P = tuple(np.float32(v) for v in npm._EXP_P)
-_X_EXP_Q = tuple(np.float32(v) for v in npm._EXP_Q)
-_X_LOG_P = tuple(np.float32(v) for v in npm._LOG_P)
-_X_LOG_Q = tuple(np.float32(v) for v in npm._LOG_Q)
-_X_C1, _X_C2 = npm._CODY_WAITE_LOGE_2_HIGH, npm._CODY_WAITE_LOGE_2_LOW
-_X_LOG2E, _X_LOGE2, _X_SQRT1_2 = npm._LOG2E, npm._LOGE2, npm._SQRT1_2
-_X_XMAX, _X_XMIN = npm._EXP_XMAX, npm._EXP_XMIN
-_X_NAN, _X_NEG_NAN = np.int64(npm._NAN_BITS), np.int64(npm._NEG_NAN_BITS)
-_X_INF, _X_NEG_INF = np.int64(npm._INF_BITS), np.int64(npm._NEG_INF_BITS)
-
-
-@nb.njit(cache=True, nogil=True, error_model="numpy")
-def _exp32_bits(xb):
-    # npmath._exp_kernel on one float32 bit pattern (int64 holding the int32 value)
-    nan_mask = (xb & 0x7FFFFFFF) > 0x7F800000
-    x = _i32_as_f32(np.int32(xb))
-    if nan_mask:
-        x = np.float32(0.0)
-    xmax_mask = x >= _X_XMAX
-    xmin_mask = x <= _X_XMIN
-    if nan_mask or xmin_mask or xmax_mask:
-        x = np.float32(0.0)
-    quadrant = np.rint(np.float32(x * _X_LOG2E))  # rounded product, then half-to-even
-    x = _fma32(quadrant, _X_C1, x)
-    x = _fma32(quadrant, _X_C2, x)
-    num = _fma32(_X_EXP_P[5], x, _X_EXP_P[4])
-    num = _fma32(num, x, _X_EXP_P[3])
-    num = _fma32(num, x, _X_EXP_P[2])
-    num = _fma32(num, x, _X_EXP_P[1])
-    num = _fma32(num, x, _X_EXP_P[0])
-    den = _fma32(_X_EXP_Q[2], x, _X_EXP_Q[1])
-    den = _fma32(den, x, _X_EXP_Q[0])
-    poly = np.float32(num / den)
-    # npmath._scalef_bits: round(poly * 2**quadrant) on the bits
-    pbits = np.int64(_f32_as_i32(poly))
-    q = np.int64(quadrant)
-    new_exp = (pbits >> 23) + q
-    if new_exp >= 1:
-        out = pbits + (q << 23)
-    else:
-        sig = (pbits & 0x007FFFFF) | 0x00800000
-        shift = min(max(1 - new_exp, 1), 30)
-        trunc = sig >> shift
-        rem = sig & ((1 << shift) - 1)
-        half = 1 << (shift - 1)
-        out = trunc + (1 if (rem > half) or (rem == half and (trunc & 1) == 1) else 0)
-    if nan_mask:
-        out = _X_NAN
-    if xmax_mask:
-        out = _X_INF
-    if xmin_mask:
-        out = 0
-    return out
-
-
-@nb.njit(cache=True, nogil=True, error_model="numpy")
-def _log32_bits(xb):
-    # npmath._log_kernel on one float32 bit pattern (int64 holding the int32 value)
-    absb = xb & 0x7FFFFFFF
-    nan_mask = absb > 0x7F800000
-    zero_mask = absb == 0
-    negx_mask = xb < 0 and not nan_mask and not zero_mask
-    inf_mask = xb == 0x7F800000
-    regular = not (nan_mask or zero_mask or negx_mask or inf_mask)
-    b = absb if regular else 0x3F800000
-    efield = b >> 23
-    mant = b & 0x007FFFFF
-    norm_shift = 0
-    if efield == 0:  # subnormal: leading 1 of the significand to bit 23
-        while (mant << norm_shift) & 0x00800000 == 0:
-            norm_shift += 1
-    sig = mant << norm_shift
-    exponent = np.float32(-125 - norm_shift if efield == 0 else efield - 126)
-    x = _i32_as_f32(np.int32((sig & 0x007FFFFF) | (126 << 23)))
-    if x <= _X_SQRT1_2:
-        x = np.float32(x + x)
-        exponent = np.float32(exponent - np.float32(1.0))
-    x = np.float32(x - np.float32(1.0))
-    num = _fma32(_X_LOG_P[5], x, _X_LOG_P[4])
-    num = _fma32(num, x, _X_LOG_P[3])
-    num = _fma32(num, x, _X_LOG_P[2])
-    num = _fma32(num, x, _X_LOG_P[1])
-    num = _fma32(num, x, _X_LOG_P[0])
-    den = _fma32(_X_LOG_Q[5], x, _X_LOG_Q[4])
-    den = _fma32(den, x, _X_LOG_Q[3])
-    den = _fma32(den, x, _X_LOG_Q[2])
-    den = _fma32(den, x, _X_LOG_Q[1])
-    den = _fma32(den, x, _X_LOG_Q[0])
-    out = np.int64(_f32_as_i32(_fma32(exponent, _X_LOGE2, np.float32(num / den))))
-    if nan_mask:
-        out = _X_NAN
-    if negx_mask:
-        out = _X_NEG_NAN
-    if zero_mask:
-        out = _X_NEG_INF
-    if inf_mask:
-        out = _X_INF
-    return out
-
-
-@nb.njit(cache=True, nogil=True, error_model="numpy")
-def _f64_to_f32_bits(v):
-    # npmath._f64_to_f32_bits: x.astype(float32) as bits, subnormal results by hand
-    a = abs(v)
-    if 0 < a < 2.0**-126:
-        sig = np.int64(np.rint(a * 2.0**149))
-        return sig | (-(1 << 31) if _f64_as_i64(v) < 0 else 0)
-    return np.int64(_f32_as_i32(np.float32(v)))
-
-
-@nb.njit(cache=True, nogil=True, error_model="numpy")
-def _f32_bits_to_f64(b):
-    # npmath._f32_bits_to_f64: subnormal patterns by hand
-    if (b & 0x7F800000) == 0:
-        mag = np.float64(b & 0x007FFFFF) * 2.0**-149
-        return -mag if b < 0 else mag
-    return np.float64(_i32_as_f32(np.int32(b)))
-
-
-@nb.njit(cache=True, nogil=True, error_model="numpy")
-def _exp_log32_from32(x, out, log):
-    # npmath._apply on float32: through the bits
-    xi = x.view(np.int32)
-    oi = out.view(np.int32)
-    for i in range(x.size):
-        b = np.int64(xi[i])
-        oi[i] = np.int32(_log32_bits(b) if log else _exp32_bits(b))
-
-
-@nb.njit(cache=True, nogil=True, error_model="numpy")
-def _exp_log32_from64(x, out, log):
-    # npmath._apply on float64: rounded to float32 (subnormals included), read back exactly
-    for i in range(x.size):
-        b = _f64_to_f32_bits(x[i])
-        out[i] = _f32_bits_to_f64(_log32_bits(b) if log else _exp32_bits(b))
-
-
-@nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
-def _ffi_exp_log_f64(frame):
-    run, f = _ffi_frame(frame)
-    if run:
-        log = _ffi_flat(f[9], 1, np.int32(0))[0] == 1
-        _exp_log32_from64(_ffi_flat(f[9], 0, np.float64(0)),
-                          _ffi_flat(f[14], 0, np.float64(0)), log)  # fmt: skip
-    return _ptr(0)
-
-
-@nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
-def _ffi_exp_log_f32(frame):
-    run, f = _ffi_frame(frame)
-    if run:
-        log = _ffi_flat(f[9], 1, np.int32(0))[0] == 1
-        _exp_log32_from32(_ffi_flat(f[9], 0, np.float32(0)),
-                          _ffi_flat(f[14], 0, np.float32(0)), log)  # fmt: skip
-    return _ptr(0)
-
-
-# --- numpy's float64 exp and log: the SVML functions numpy itself calls -----------------
-# numpy's Linux x86-64 wheels compute float64 ``np.exp``/``np.log`` on CPUs with AVX512_SKX
-# by Intel's SVML, vendored into and exported from ``numpy/_core/_multiarray_umath``:
-# ``simd_@func@_f64`` in loops_exponent_log.dispatch.c.src calls ``__svml_exp8_ha`` /
-# ``__svml_log8_ha`` on 8 lanes at a time, a last partial vector loaded with 1.0 in its
-# unused lanes (``npyv_load_till_f64(src, len, 1)``); a numpy scalar goes through the same
-# loop as a 1-element array. XLA's ``exp`` is its own polynomial (~15% of results 1 ulp
-# from numpy's) and its ``log`` calls glibc (~0.03%). These kernels call numpy's own
-# functions, so the results are numpy's by construction (checked at run time against
-# np.exp/np.log, :func:`svml_available`), and vectorised: ~1 ns per value against XLA:CPU's
-# ~5 ns for ``log`` (four scalar libm calls per vector). Compiled only where numpy has them.
-_SVML = ("__svml_exp8_ha", "__svml_log8_ha")  # op 0, op 1
-
-
-def _svml8(symbol: str):
-    """An intrinsic ``f(src, dst, k)``: ``dst[k:k + 8] = symbol(src[k:k + 8])`` (float64).
-    ``<8 x double>`` goes in and out in zmm0, the ABI numpy's C code calls it with (numba's
-    target has AVX-512 wherever numpy dispatches here; a mismatch would fail the check)."""
-
-    @intrinsic
-    def call8(typingctx, src, dst, k):
-        def codegen(context, builder, signature, args):
-            from llvmlite import ir
-
-            v8 = ir.VectorType(ir.DoubleType(), 8)
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8]), symbol)
-            s = context.make_array(signature.args[0])(context, builder, args[0])
-            d = context.make_array(signature.args[1])(context, builder, args[1])
-            x = builder.load(builder.bitcast(builder.gep(s.data, [args[2]]), v8.as_pointer()),
-                             align=8)  # fmt: skip
-            y = builder.call(fn, [x])
-            builder.store(y, builder.bitcast(builder.gep(d.data, [args[2]]), v8.as_pointer()),
-                          align=8)  # fmt: skip
-            return context.get_dummy_value()
-
-        return types.void(src, dst, k), codegen
-
-    return call8
-
-
-_svml_exp8 = _svml8(_SVML[0])
-_svml_log8 = _svml8(_SVML[1])
+# --- numpy's own exp and log ----------------------------------------------------------------
+# float32 and float64 ``np.exp``/``np.log`` of the fit are numpy's own inner loops, called
+# from the compiled program: numpy's loop for a dtype is whatever this numpy build dispatches
+# to on this CPU (float32: its AVX512F/AVX2 kernels ``simd_exp_FLOAT``/``simd_log_FLOAT``, or
+# libm; float64 on AVX512_SKX Linux wheels: Intel's SVML ``__svml_exp8_ha``/``__svml_log8_ha``,
+# else its AVX512F kernels or libm), so the results are numpy's by construction -- on any CPU
+# numpy runs on -- and checked at run time (:func:`numpy_exp_log_available`). XLA's float64
+# ``exp`` is its own polynomial (~15% of results an ulp from numpy's), its ``log`` glibc's
+# (~0.03%); XLA:CPU lowers ``log`` to four scalar libm calls per vector (~5 ns per value against
+# ~1 ns). The float32 kernels are ported to XLA in :mod:`.npmath` (the GPU's path): as XLA
+# code they were ~4,300 of the medium program's 32,600 instructions (compile time).
+#
+# The loops come from numpy's ufunc API for such callers (NEP 43, numpy >= 1.24):
+# ``ufunc._resolve_dtypes_and_context`` + ``ufunc._get_strided_loop`` fill a
+# ``numpy_1.24_ufunc_call_info`` capsule with the strided loop, its context and auxdata. Their
+# addresses differ per process, so the compiled kernels (cached on disk by numba) read them
+# from a table that is given to numba's linker under a symbol name, as a function's would be.
+_NP_LOOPS = (("exp", "f4"), ("log", "f4"), ("exp", "f8"), ("log", "f8"))  # loop index k
+_LOOP_TABLE = "jaxvelo_numpy_loop_table"
 _MXCSR_DAZ_FTZ = (1 << 6) | (1 << 15)  # denormals-are-zero, flush-to-zero
+
+
+class _CallInfo(ctypes.Structure):
+    # numpy/_core/src/umath/ufunc_object.c, ``ufunc_call_info``
+    _fields_ = [("strided_loop", ctypes.c_void_p), ("context", ctypes.c_void_p),
+                ("auxdata", ctypes.c_void_p), ("requires_pyapi", ctypes.c_bool),
+                ("no_floatingpoint_errors", ctypes.c_bool)]  # fmt: skip
+
+
+@functools.cache
+def _numpy_loops() -> tuple | None:
+    """numpy's strided loops of ``_NP_LOOPS`` as a table of (loop, context, auxdata)
+    addresses, made known to numba's linker (:data:`_LOOP_TABLE`); None where this numpy
+    does not offer them. The capsules returned with it keep the loops' context alive."""
+    import llvmlite.binding as llvm
+
+    get = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+        ("PyCapsule_GetPointer", ctypes.pythonapi)
+    )
+    table = np.zeros(3 * len(_NP_LOOPS), np.int64)
+    capsules = []
+    try:
+        for k, (name, dt) in enumerate(_NP_LOOPS):
+            ufunc = getattr(np, name)
+            _, capsule = ufunc._resolve_dtypes_and_context((np.dtype(dt), None))
+            ufunc._get_strided_loop(capsule)
+            info = _CallInfo.from_address(get(capsule, b"numpy_1.24_ufunc_call_info"))
+            if info.requires_pyapi or not info.strided_loop:
+                return None
+            table[3 * k : 3 * k + 3] = info.strided_loop, info.context or 0, info.auxdata or 0
+            capsules.append(capsule)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    llvm.add_symbol(_LOOP_TABLE, table.ctypes.data)
+    return table, capsules
+
+
+@intrinsic
+def _numpy_loop(typingctx, k, src, dst):
+    """Run numpy's loop ``k`` (:data:`_NP_LOOPS`) on the 1-D arrays ``src`` -> ``dst`` (of
+    the loop's dtype, same length, any strides): ``loop(context, {src, dst}, {n}, strides,
+    auxdata)``, the ``PyArrayMethod_StridedLoop`` signature. Returns the loop's status."""
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+
+        i32, i64, i8p = ir.IntType(32), ir.IntType(64), ir.IntType(8).as_pointer()
+        table = builder.module.globals.get(_LOOP_TABLE)
+        if table is None:  # an external declaration, resolved by the linker
+            table = ir.GlobalVariable(builder.module, ir.ArrayType(i64, 3 * len(_NP_LOOPS)),
+                                      _LOOP_TABLE)  # fmt: skip
+        base = builder.mul(args[0], ir.Constant(i64, 3))
+
+        def entry(j):
+            at = builder.add(base, ir.Constant(i64, j))
+            return builder.load(builder.gep(table, [ir.Constant(i32, 0), at]))
+
+        s = context.make_array(signature.args[1])(context, builder, args[1])
+        d = context.make_array(signature.args[2])(context, builder, args[2])
+        data = cgutils.alloca_once(builder, i8p, size=2)
+        builder.store(builder.bitcast(s.data, i8p), data)
+        builder.store(builder.bitcast(d.data, i8p), builder.gep(data, [ir.Constant(i32, 1)]))
+        dims = cgutils.alloca_once(builder, i64)
+        builder.store(cgutils.unpack_tuple(builder, s.shape, 1)[0], dims)
+        steps = cgutils.alloca_once(builder, i64, size=2)
+        builder.store(cgutils.unpack_tuple(builder, s.strides, 1)[0], steps)
+        builder.store(cgutils.unpack_tuple(builder, d.strides, 1)[0],
+                      builder.gep(steps, [ir.Constant(i32, 1)]))  # fmt: skip
+        fnty = ir.FunctionType(i32, [i8p, i8p.as_pointer(), i64.as_pointer(),
+                                     i64.as_pointer(), i8p])  # fmt: skip
+        loop = builder.inttoptr(entry(0), fnty.as_pointer())
+        ctx, aux = builder.inttoptr(entry(1), i8p), builder.inttoptr(entry(2), i8p)
+        return builder.call(loop, [ctx, data, dims, steps, aux])
+
+    return types.int32(types.int64, src, dst), codegen
 
 
 @intrinsic
@@ -1188,106 +1042,133 @@ def _mxcsr(typingctx, value):
     return types.int32(types.int32), codegen
 
 
-@nb.njit(cache=True, nogil=True)
-def _svml_op8(src, dst, k, op):
-    if op == 0:
-        _svml_exp8(src, dst, k)
-    else:
-        _svml_log8(src, dst, k)
+_CHUNK = 512  # values per float32 round trip of a float64 array
 
 
 @nb.njit(cache=True, nogil=True)
-def _svml_apply(x, out, op):
-    """``np.exp(x)`` (op 0) or ``np.log(x)`` (op 1) of a flat float64 array into ``out``,
-    vector by vector as numpy's loop does (its partial last vector padded with 1.0)."""
+def _numpy_apply(x, out, k, via32):
+    """``out[:] = f(x)`` for numpy's loop ``k``. ``via32``: float64 arrays through a
+    float32 loop, holding float32 values: rounded to float32 and back exactly, as
+    ``astype`` does, in chunks. Runs in the caller's floating-point mode (see
+    :func:`_numpy_run`)."""
     n = x.size
-    m = n - n % 8
-    for k in range(0, m, 8):
-        _svml_op8(x, out, k, op)
-    if m < n:
-        src = np.ones(8)
-        dst = np.empty(8)
-        src[: n - m] = x[m:]
-        _svml_op8(src, dst, 0, op)
-        out[m:] = dst[: n - m]
+    if n == 0:
+        return
+    if not via32:
+        _numpy_loop(k, x, out)
+        return
+    buf = np.empty(_CHUNK, np.float32)
+    res = np.empty(_CHUNK, np.float32)
+    for i in range(0, n, _CHUNK):
+        m = min(_CHUNK, n - i)
+        for j in range(m):
+            buf[j] = np.float32(x[i + j])
+        _numpy_loop(k, buf[:m], res[:m])
+        for j in range(m):
+            out[i + j] = np.float64(res[j])
 
 
 @nb.njit(cache=True, nogil=True)
-def _svml_run(frame):
-    # operands x (any shape) float64, op (1,) int32; result like x
+def _numpy_run(frame, like, k0, via32):
+    # operands x (any shape) of like's dtype, op (1,) int32 (0: exp, 1: log); result like x.
+    # k0: 0 numpy's float32 loops, 2 its float64 loops; via32: see _numpy_apply
     run, f = _ffi_frame(frame)
     if run:
-        op = _ffi_flat(f[9], 1, np.int32(0))[0]
+        k = k0 + np.int64(_ffi_flat(f[9], 1, np.int32(0))[0])
         # XLA:CPU runs with denormals-are-zero and flush-to-zero; numpy does not (a
-        # subnormal input or result of exp/log would read or come out as 0)
+        # subnormal input or result would read or come out as 0)
         old = _mxcsr(np.int32(-1))
         _mxcsr(np.int32(old & ~_MXCSR_DAZ_FTZ))
-        _svml_apply(_ffi_flat(f[9], 0, np.float64(0)), _ffi_flat(f[14], 0, np.float64(0)), op)
+        _numpy_apply(_ffi_flat(f[9], 0, like), _ffi_flat(f[14], 0, like), k, via32)
         _mxcsr(old)
     return _ptr(0)
 
 
-@functools.cache
-def _svml_symbols() -> bool:
-    """Make numpy's SVML exp/log known to numba's linker; False where numpy would not
-    call them (no AVX512_SKX, or a numpy build without SVML)."""
-    import llvmlite.binding as llvm
-    from numpy._core import _multiarray_umath as mu
-
-    if not mu.__cpu_features__.get("AVX512_SKX"):
-        return False  # numpy runs glibc's (or its own) exp/log here, not SVML
-    try:
-        lib = ctypes.CDLL(mu.__file__)
-        addrs = [ctypes.cast(getattr(lib, s), ctypes.c_void_p).value for s in _SVML]
-    except (OSError, AttributeError):
-        return False
-    for s, a in zip(_SVML, addrs, strict=True):
-        llvm.add_symbol(s, a)
-    return True
+# Compiled lazily (numba needs the table's symbol to link them): see _register_numpy.
+def _ffi_numpy32_f32(frame):
+    return _numpy_run(frame, np.float32(0), 0, False)
 
 
-def svml_exp_log(x: np.ndarray, op: int) -> np.ndarray:
-    """Run the kernel on a numpy float64 array (``op`` 0: exp, 1: log); needs numpy's
-    SVML functions (check :func:`svml_available` for whether they give numpy's bits)."""
-    if not _svml_symbols():  # also what lets numba link the kernel
-        raise RuntimeError("numpy's SVML exp/log are not available in this process")
-    x = np.ascontiguousarray(x, np.float64)
+def _ffi_numpy32_f64(frame):
+    return _numpy_run(frame, np.float64(0), 0, True)
+
+
+def _ffi_numpy64_f64(frame):
+    return _numpy_run(frame, np.float64(0), 2, False)
+
+
+def numpy_exp_log(x: np.ndarray, op: int, precision: str = "float64") -> np.ndarray:
+    """``np.exp(x)`` (``op`` 0) or ``np.log(x)`` (1) computed by the compiled kernel of the
+    custom calls: numpy's ``precision`` loop on ``x`` (float32 or float64; a float64 array
+    through the float32 loop must hold float32 values). What :func:`numpy_exp_log_available`
+    checks against numpy's own calls."""
+    if _numpy_loops() is None:  # also what lets numba link the kernel
+        raise RuntimeError("numpy's exp/log loops are not available in this process")
+    x = np.ascontiguousarray(x)
+    if x.dtype not in (np.float32, np.float64) or op not in (0, 1):
+        raise TypeError(f"expected a float32/float64 array and op 0 or 1, got {x.dtype}, {op}")
+    k = {"float32": 0, "float64": 2}[precision] + op
+    if k >= 2 and x.dtype != np.float64:
+        raise TypeError("numpy's float64 loop needs a float64 array")
     out = np.empty_like(x)
-    _svml_apply(x.reshape(-1), out.reshape(-1), op)
+    _numpy_apply(x.reshape(-1), out.reshape(-1), np.int64(k), k < 2 and x.dtype == np.float64)
     return out
 
 
-def svml_available() -> bool:
-    """Whether float64 exp/log run as :func:`register_svml`'s custom call: numpy's SVML
-    functions are there and this kernel reproduces ``np.exp``/``np.log`` bit for bit
-    (:func:`_svml_verified`). ``JAXVELO_NUMPY_EXP_LOG=0`` turns it off (XLA's exp/log,
-    which every non-CPU backend runs)."""
+def numpy_exp_log_available() -> bool:
+    """Whether exp/log in the fit run as custom calls of numpy's own loops on the CPU
+    backend (:func:`register_numpy_exp_log`): numpy offers them and the kernel reproduces
+    ``np.exp``/``np.log`` bit for bit (:func:`_numpy_verified`). ``JAXVELO_NUMPY_EXP_LOG=0``
+    turns it off: XLA's float64 exp/log and the XLA port of numpy's float32 kernels
+    (:mod:`.npmath`), which every non-CPU backend runs."""
     import os
 
-    return os.environ.get("JAXVELO_NUMPY_EXP_LOG", "1") != "0" and _svml_verified()
+    return os.environ.get("JAXVELO_NUMPY_EXP_LOG", "1") != "0" and _numpy_verified()
+
+
+def _exp_log_probes() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(exp inputs, log inputs) per dtype: random values, both ends of the ranges,
+    subnormals, signed zeros, infinities and NaNs."""
+    rng = np.random.default_rng(0)
+    e64 = np.concatenate([[0.0, -0.0, 1.0, -745.2, -745.1, 709.7, 709.8, np.inf, -np.inf,
+                           np.nan, 5e-324], rng.normal(0, 30, 100_003)])  # fmt: skip
+    l64 = np.concatenate([[0.0, -0.0, 1.0, -1.0, 5e-324, 1e308, np.inf, np.nan, 1 - 1e-16],
+                          np.exp(rng.normal(0, 30, 100_003)),
+                          rng.uniform(0.9, 1.1, 20_000)])  # fmt: skip
+    e32 = np.concatenate(
+        [
+            [0, -0.0, 1, -103.9, -100, -87.34, 88.72, 88.73, np.inf, -np.inf, np.nan, 1e-45],
+            rng.uniform(-105, 90, 100_003),
+        ]
+    ).astype(np.float32)
+    with np.errstate(all="ignore"):
+        l32 = np.concatenate([[0, -0.0, 1, -1, 1e-45, 1e-40, 3e38, np.inf, np.nan],
+                              np.exp2(rng.uniform(-149, 128, 100_003)),
+                              rng.uniform(0.5, 2, 20_000)]).astype(np.float32)  # fmt: skip
+    return {"float32": (e32, l32), "float64": (e64, l64)}
 
 
 @functools.cache
-def _svml_verified() -> bool:
-    """numpy's SVML exp/log are linked and the kernel gives ``np.exp``/``np.log``'s bits
-    on arrays of every length mod 8, numpy scalars and special values."""
-    if not _svml_symbols():
+def _numpy_verified() -> bool:
+    """numpy's loops are there and the kernel gives ``np.exp``/``np.log``'s bits on arrays
+    of every length up to 33, long arrays, numpy scalars and special values -- for float32
+    arrays, float64 arrays holding float32 values, and float64 arrays."""
+    if _numpy_loops() is None:
         return False
-    rng = np.random.default_rng(0)
-    xe = np.concatenate([[0.0, -0.0, 1.0, -745.2, -745.1, 709.7, 709.8, np.inf, -np.inf,
-                          np.nan, 5e-324], rng.normal(0, 30, 100_003)])  # fmt: skip
-    xl = np.concatenate([[0.0, -0.0, 1.0, -1.0, 5e-324, 1e308, np.inf, np.nan, 1 - 1e-16],
-                         np.exp(rng.normal(0, 30, 100_003)),
-                         rng.uniform(0.9, 1.1, 20_000)])  # fmt: skip
-    u = np.uint64
     with np.errstate(all="ignore"):
-        for op, x, f in ((0, xe, np.exp), (1, xl, np.log)):
-            for n in (*range(1, 18), x.size):  # every tail length, and a long array
-                if not np.array_equal(svml_exp_log(x[:n], op).view(u), f(x[:n]).view(u)):
+        for precision, (xe, xl) in _exp_log_probes().items():
+            u = np.uint32 if precision == "float32" else np.uint64
+            for op, x, f in ((0, xe, np.exp), (1, xl, np.log)):
+                want = f(x)
+                inputs = [x] if precision == "float64" else [x, x.astype(np.float64)]
+                for arg in inputs:
+                    for n in (*range(1, 34), x.size):
+                        got = numpy_exp_log(arg[:n], op, precision).astype(want.dtype)
+                        if not np.array_equal(got.view(u), want[:n].view(u)):
+                            return False
+                scal = np.array([f(v) for v in x[:64]], x.dtype)
+                if not np.array_equal(scal.view(u), want[:64].view(u)):
                     return False
-            scal = np.array([f(np.float64(v)) for v in x[:64]])
-            if not np.array_equal(svml_exp_log(x[:64], op).view(u), scal.view(u)):
-                return False
     return True
 
 
@@ -1296,7 +1177,6 @@ _SORTS = {np.dtype(np.float64): _ffi_sort_f64, np.dtype(np.float32): _ffi_sort_f
 _NEARESTS = {np.dtype(np.float64): _ffi_nearest_f64, np.dtype(np.float32): _ffi_nearest_f32}
 _SMOOTHS = {np.dtype(np.float64): _ffi_smooth_f64, np.dtype(np.float32): _ffi_smooth_f32}
 _PAIRWISE = {np.dtype(np.float64): _ffi_pairwise_f64, np.dtype(np.float32): _ffi_pairwise_f32}
-_EXP_LOG = {np.dtype(np.float64): _ffi_exp_log_f64, np.dtype(np.float32): _ffi_exp_log_f32}
 
 
 def target_name(dtype) -> str:
@@ -1349,32 +1229,30 @@ def register_pairwise(dtype) -> str:
     return _register(f"jaxvelo_pairwise_sum_{np.dtype(dtype).name}", _PAIRWISE[np.dtype(dtype)])
 
 
-@functools.cache
-def register_exp_log(dtype) -> str:
-    """Compile and register the custom call of numpy's float32 exp/log kernels
-    (:mod:`jaxvelo.core.npmath`) for ``dtype`` input."""
-    return _register(f"jaxvelo_exp_log32_{np.dtype(dtype).name}", _EXP_LOG[np.dtype(dtype)])
+_NUMPY_TARGETS = {  # (precision, input dtype): the kernel
+    ("float32", np.dtype(np.float32)): _ffi_numpy32_f32,
+    ("float32", np.dtype(np.float64)): _ffi_numpy32_f64,
+    ("float64", np.dtype(np.float64)): _ffi_numpy64_f64,
+}
 
 
 @functools.cache
-def register_svml() -> str:
-    """Compile and register the custom call of numpy's float64 exp/log (SVML; only where
-    :func:`svml_available`)."""
-    if not svml_available():
-        raise RuntimeError("numpy's SVML exp/log are not available in this process")
-    fn = nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)(_ffi_svml)
-    return _register("jaxvelo_numpy_exp_log_f64", fn)
-
-
-def _ffi_svml(frame):
-    return _svml_run(frame)
+def register_numpy_exp_log(precision: str, dtype) -> str:
+    """Compile (numba, cached on disk) and register the custom call of numpy's own
+    ``precision`` exp/log loops on ``dtype`` input (only where
+    :func:`numpy_exp_log_available`)."""
+    if not numpy_exp_log_available():
+        raise RuntimeError("numpy's exp/log loops are not usable in this process")
+    fn = _NUMPY_TARGETS[precision, np.dtype(dtype)]
+    cfunc = nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)(fn)
+    return _register(f"jaxvelo_numpy_exp_log_{precision}_{np.dtype(dtype).name}", cfunc)
 
 
 def register_all() -> None:
-    if svml_available():
-        register_svml()
+    if numpy_exp_log_available():
+        for precision, dtype in _NUMPY_TARGETS:
+            register_numpy_exp_log(precision, dtype)
     for dt in (np.float32, np.float64):
-        register_exp_log(dt)
         register_pairwise(dt)
         register(dt)
         register_sort(dt)

@@ -20,7 +20,7 @@ from .numerics import round32 as _r32
 
 def _exp(x: Array) -> Array:
     """``np.exp``: numpy's own (not correctly rounded) float32 kernel for float32 input,
-    numpy's float64 one (SVML, where numpy uses it) for float64 input."""
+    numpy's float64 one for float64 input (on CPU numpy's own loops, :mod:`.npmath`)."""
     x = jnp.asarray(x)
     return np_exp32(x) if x.dtype == jnp.float32 else np_exp64(x)
 

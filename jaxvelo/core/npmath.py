@@ -1,4 +1,11 @@
-"""numpy's float32 ``exp`` and ``log``, bit for bit, in JAX.
+"""numpy's ``exp`` and ``log``, bit for bit, in JAX.
+
+On the CPU backend :func:`np_exp32`, :func:`np_log32`, :func:`np_exp64` and
+:func:`np_log64` call numpy's own inner loops through custom calls
+(:func:`jaxvelo.core.host_kernels.register_numpy_exp_log`, checked at run time): numpy's
+bits on any CPU. Elsewhere (GPU; ``JAXVELO_NUMPY_EXP_LOG=0``) the float64 functions are
+XLA's ``exp``/``log`` (within an ulp) and the float32 ones this module's XLA port of
+numpy's SIMD kernels, described below.
 
 numpy does not call libm for float32 ``exp``/``log`` on x86-64: where the CPU has AVX512F
 (or AVX2 + FMA3) it runs its own SIMD kernels ``simd_exp_FLOAT`` / ``simd_log_FLOAT`` from
@@ -79,7 +86,7 @@ __all__ = [
     "np_exp64",
     "np_log32",
     "np_log64",
-    "numpy_exp_log64",
+    "numpy_exp_log",
     "numpy_kernel_info",
     "numpy_matches_npmath",
 ]
@@ -234,13 +241,9 @@ def _f32_bits_to_f64(bits: jax.Array) -> jax.Array:
 
 def _apply(kernel, x):
     """Run ``kernel`` (float32 bits -> float32 bits) on float32 or float64 input."""
-    _require_x64()
-    x = jnp.asarray(x)
     if x.dtype == jnp.float32:
         return lax.bitcast_convert_type(kernel(lax.bitcast_convert_type(x, jnp.int32)), x.dtype)
-    if x.dtype == jnp.float64:
-        return _f32_bits_to_f64(kernel(_f64_to_f32_bits(x)))
-    raise TypeError(f"expected a float32 or float64 array, got {x.dtype}")
+    return _f32_bits_to_f64(kernel(_f64_to_f32_bits(x)))  # float64 (checked by _exp_log)
 
 
 # --------------------------------------------------------------------------------- exp
@@ -370,52 +373,49 @@ def _log_kernel(xbits: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------ public
 
 
-def _host_call(x: jax.Array, log: bool) -> jax.Array:
-    """The numba transcription of :mod:`.host_kernels` as a custom call (CPU backend):
-    elementwise, so a batched call is the call on the batched array."""
+def _numpy_call(x: jax.Array, op: int, precision: str) -> jax.Array:
+    """numpy's own ``precision`` exp (op 0) or log (1) loop as a custom call (CPU backend,
+    :func:`jaxvelo.core.host_kernels.register_numpy_exp_log`): elementwise, so a batched
+    call is the call on the batched array."""
     from . import host_kernels
 
-    _require_x64()
-    x = jnp.asarray(x)
-    if x.dtype not in (jnp.float32, jnp.float64):
-        raise TypeError(f"expected a float32 or float64 array, got {x.dtype}")
-    name = host_kernels.register_exp_log(x.dtype)
-    call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((x.size,), x.dtype),
+    name = host_kernels.register_numpy_exp_log(precision, x.dtype)
+    call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(x.shape, x.dtype),
                             vmap_method="broadcast_all")  # fmt: skip
-    return call(x.reshape(-1), jnp.full((1,), int(log), jnp.int32)).reshape(x.shape)
+    return call(x, jnp.full((1,), op, jnp.int32))
 
 
 def _exp_log(x: jax.Array, log: bool, host: bool, native_div: bool) -> jax.Array:
     # native_div (numerics.native_f32_division(), which divide() reads while tracing) is a
     # static argument only so that the jit cache keeps one trace per lowering choice
     del native_div
+    _require_x64()
+    x = jnp.asarray(x)
+    if x.dtype not in (jnp.float32, jnp.float64):
+        raise TypeError(f"expected a float32 or float64 array, got {x.dtype}")
     if host:
-        return _host_call(x, log)
+        return _numpy_call(x, int(log), "float32")
     return _apply(_log_kernel if log else _exp_kernel, x)
 
 
 # Jitted so that a program traces each kernel once per shape and dtype: later uses reuse the
-# jaxpr and its lowering (XLA inlines the calls). On the CPU backend the per-gene scalars
-# (most uses: the switching state in every loss evaluation) go through the numba custom
-# call instead of ~800 inlined XLA instructions per use (compile 12.2 -> 11.3 s for a
-# 56-gene program); arrays stay in XLA, whose vectorised emulation is faster than the
-# scalar numba loop (~20-35 ns per element: the cells' log in tau_inv cost 7% more run
-# time as a custom call). Both give numpy's bits.
+# jaxpr and its lowering. On the CPU backend (where numpy's loops are usable) the program
+# calls numpy's own float32 loop; elsewhere (GPU, JAXVELO_NUMPY_EXP_LOG=0) it runs this
+# module's XLA port (~250 inlined instructions per use, which XLA compiles at every site:
+# ~4,300 of the 3696-cell pancreas program's 32,600). Both give numpy's bits.
 _exp_log_jit = jax.jit(_exp_log, static_argnums=(1, 2, 3))
 
 
-def _host(x: jax.Array) -> bool:
-    from .assign import use_host_kernels
-
-    return jnp.ndim(x) == 0 and use_host_kernels()
+def _host() -> bool:
+    return numpy_exp_log()
 
 
 def _exp_jit(x: jax.Array) -> jax.Array:
-    return _exp_log_jit(x, False, _host(x), native_f32_division())
+    return _exp_log_jit(x, False, _host(), native_f32_division())
 
 
 def _log_jit(x: jax.Array) -> jax.Array:
-    return _exp_log_jit(x, True, _host(x), native_f32_division())
+    return _exp_log_jit(x, True, _host(), native_f32_division())
 
 
 def np_exp32(x: jax.Array) -> jax.Array:
@@ -460,9 +460,9 @@ def np_log32(x: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------- float64
 
 
-def numpy_exp_log64() -> bool:
-    """Whether programs traced now compute float64 exp/log by numpy's own SVML functions
-    (CPU backend, :func:`jaxvelo.core.host_kernels.svml_available`); part of a compiled
+def numpy_exp_log() -> bool:
+    """Whether programs traced now call numpy's own exp/log loops (CPU backend,
+    :func:`jaxvelo.core.host_kernels.numpy_exp_log_available`); part of a compiled
     program's cache key."""
     from .assign import use_host_kernels
 
@@ -470,56 +470,48 @@ def numpy_exp_log64() -> bool:
         return False
     from . import host_kernels
 
-    return host_kernels.svml_available()
+    return host_kernels.numpy_exp_log_available()
 
 
-def _svml(x: jax.Array) -> bool:
-    return x.dtype == jnp.float64 and numpy_exp_log64()
-
-
-def _svml_call(x: jax.Array, op: int) -> jax.Array:
-    from . import host_kernels
-
-    call = jax.ffi.ffi_call(host_kernels.register_svml(), jax.ShapeDtypeStruct(x.shape, x.dtype),
-                            vmap_method="broadcast_all")  # fmt: skip
-    return call(x, jnp.full((1,), op, jnp.int32))
+def _numpy64(x: jax.Array) -> bool:
+    return x.dtype == jnp.float64 and numpy_exp_log()
 
 
 # Differentiable (the gradient mode's loss goes through the ODE solution): the tangents
 # are JAX's own rules for exp and log (``g * ans``, ``g / x``).
 @jax.custom_jvp
-def _svml_exp(x: jax.Array) -> jax.Array:
-    return _svml_call(x, 0)
+def _numpy_exp64(x: jax.Array) -> jax.Array:
+    return _numpy_call(x, 0, "float64")
 
 
-@_svml_exp.defjvp
-def _svml_exp_jvp(primals, tangents):
-    y = _svml_exp(primals[0])
+@_numpy_exp64.defjvp
+def _numpy_exp64_jvp(primals, tangents):
+    y = _numpy_exp64(primals[0])
     return y, tangents[0] * y
 
 
 @jax.custom_jvp
-def _svml_log(x: jax.Array) -> jax.Array:
-    return _svml_call(x, 1)
+def _numpy_log64(x: jax.Array) -> jax.Array:
+    return _numpy_call(x, 1, "float64")
 
 
-@_svml_log.defjvp
-def _svml_log_jvp(primals, tangents):
-    return _svml_log(primals[0]), tangents[0] / primals[0]
+@_numpy_log64.defjvp
+def _numpy_log64_jvp(primals, tangents):
+    return _numpy_log64(primals[0]), tangents[0] / primals[0]
 
 
 def np_exp64(x: jax.Array) -> jax.Array:
-    """``np.exp`` on float64 as this process's numpy computes it, where that is known:
-    on the CPU backend with numpy's SVML kernels (AVX512_SKX, Linux wheels) a custom call
-    of those very functions (bit for bit); elsewhere XLA's ``exp`` (within an ulp)."""
+    """``np.exp`` on float64 as this process's numpy computes it: on the CPU backend a
+    custom call of numpy's own loop (bit for bit; :func:`numpy_exp_log`); elsewhere XLA's
+    ``exp`` (within an ulp)."""
     x = jnp.asarray(x)
-    return _svml_exp(x) if _svml(x) else jnp.exp(x)
+    return _numpy_exp64(x) if _numpy64(x) else jnp.exp(x)
 
 
 def np_log64(x: jax.Array) -> jax.Array:
     """``np.log`` on float64, like :func:`np_exp64` (XLA's ``log`` is glibc's there)."""
     x = jnp.asarray(x)
-    return _svml_log(x) if _svml(x) else jnp.log(x)
+    return _numpy_log64(x) if _numpy64(x) else jnp.log(x)
 
 
 # ------------------------------------------------------------------- run-time check
