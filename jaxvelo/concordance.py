@@ -14,6 +14,7 @@ import numpy as np
 
 PEARSON_PARS = ("alpha", "beta", "gamma", "t_", "likelihood")
 EXACT_PARS = ("alpha", "beta", "gamma", "t_", "scaling", "likelihood")
+TIME_LAYERS = ("fit_t", "fit_tau", "fit_tau_")
 
 
 @dataclass
@@ -29,7 +30,8 @@ class Concordance:
     diverging_genes: list[str] = field(default_factory=list)
     velocity_pearson: float | None = None
     # not part of the gate: genes whose alpha/beta/gamma/t_/scaling/likelihood are upstream's
-    # bit for bit, and of those (both fits have layer fit_t) whose fit_t column is too
+    # bit for bit, and of those whose time layers (fit_t, fit_tau, fit_tau_: those both fits
+    # have) are too
     frac_bitwise: float | None = None
     frac_t_bitwise: float | None = None
 
@@ -65,7 +67,8 @@ class Concordance:
             lines.append(f"genes bitwise equal on {'/'.join(EXACT_PARS)}: "
                          f"{100 * self.frac_bitwise:.2f}%"
                          + ("" if self.frac_t_bitwise is None else
-                            f" (and on fit_t: {100 * self.frac_t_bitwise:.2f}%)"))  # fmt: skip
+                            f" (and on {'/'.join(TIME_LAYERS)}: "
+                            f"{100 * self.frac_t_bitwise:.2f}%)"))  # fmt: skip
         lines.append("gate: " + ("PASSED" if self.passed else "FAILED"))
         return "\n".join(lines)
 
@@ -107,10 +110,14 @@ def compare(ref, test, velocity: bool = True) -> Concordance:
     order = np.argsort(-rel_all)
     diverging = [str(names[i]) for i in order if not within[i]]
     frac_t = None
-    if "fit_t" in ref.layers and "fit_t" in test.layers and bitwise.any():
+    layers = [k for k in TIME_LAYERS if k in ref.layers and k in test.layers]
+    if layers and bitwise.any():
         cols = np.flatnonzero(both)[bitwise]
-        a, b = (np.asarray(x.layers["fit_t"][:, cols], float) for x in (ref, test))
-        frac_t = float(np.all(_same(a, b), axis=0).mean())
+        same_t = np.ones(len(cols), bool)
+        for k in layers:
+            a, b = (np.asarray(x.layers[k][:, cols], float) for x in (ref, test))
+            same_t &= np.all(_same(a, b), axis=0)
+        frac_t = float(same_t.mean())
     vp = None
     if velocity:
         vp = velocity_pearson(ref, test)

@@ -11,6 +11,7 @@ import warnings
 
 import numpy as np
 import pytest
+from _upstream import upstream_recover
 
 import jaxvelo
 from jaxvelo import datasets
@@ -20,9 +21,12 @@ from jaxvelo.concordance import compare
 # beta, gamma, t_, scaling and likelihood (measured: 100% on both, docs/concordance.md).
 FLOOR_WITHIN_1E6 = {"fixture": 0.99, "pancreas1500": 0.99}
 # Not gated: genes whose six values are upstream's bit for bit, where the program calls
-# numpy's own float64 exp/log (measured at fe24983: fixture 98.42%, 1500 cells 97.85%;
-# with XLA's exp/log 48.00% and 60.82%).
-FLOOR_BITWISE = {"fixture": 0.97, "pancreas1500": 0.96}
+# numpy's own exp/log, and of those the genes whose fit_t/fit_tau/fit_tau_ columns are too
+# (measured: fixture 100% / 99.85%, 1500 cells 99.82% / 99.82%; at fe24983, before the FMA
+# and float32 fixes of the final statistics, 98.42% and 97.85% with fit_t alone 100%; with
+# XLA's exp/log 48.00% and 60.82%).
+FLOOR_BITWISE = {"fixture": 0.995, "pancreas1500": 0.99}
+FLOOR_TIME_BITWISE = 0.99
 
 
 def _check_bitwise(c, tier: str) -> None:
@@ -30,21 +34,13 @@ def _check_bitwise(c, tier: str) -> None:
 
     if host_kernels.numpy_exp_log_available():
         assert c.frac_bitwise >= FLOOR_BITWISE[tier], c.summary()
-        assert c.frac_t_bitwise == 1.0, c.summary()
+        assert c.frac_t_bitwise >= FLOOR_TIME_BITWISE, c.summary()
 
 
 def _upstream(adata, **kw):
-    import scvelo as scv
-
+    """scVelo's fit of a copy of ``adata``."""
     ref = adata.copy()
-    verbosity = scv.settings.verbosity
-    scv.settings.verbosity = 0
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            scv.tl.recover_dynamics(ref, show_progress_bar=False, **kw)
-    finally:
-        scv.settings.verbosity = verbosity
+    upstream_recover(ref, **kw)
     return ref
 
 

@@ -594,7 +594,9 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
         # initialize_scaling's tries (core ~104-115): z_vals fixed per sweep of 4
         i = arg % 4
         sc0 = jnp.where((kind == _SCALE) & (i == 0), em.pars[SCALING], m.sc0)
-        z = sc0 + lins4[i] * sc0 * jnp.where(arg < 4, 0.5, 0.1)  # float64 (np.linspace)
+        # float64 (np.linspace); the product is rounded before the sum, as numpy does (an
+        # FMA here moved Krt7's fit by an ulp)
+        z = sc0 + fma_barrier(lins4[i] * sc0 * jnp.where(arg < 4, 0.5, 0.1))
         beta = r32(em.pars[BETA] / em.pars[SCALING], _c32(em, BETA) & em.f32[SCALING]) * z
         c_scale = Candidate(em.pars.at[SCALING].set(z).at[BETA].set(beta),
                             em.f32.at[SCALING].set(False).at[BETA].set(False), no)  # fmt: skip
@@ -918,14 +920,12 @@ def final_result(state: EMState, st: Static, nbrs, cfg: FitConfig, mode, iv: dic
     lik = obj.likelihood(state.t, st.u, st.s, st.wu, v, st.std_u, st.std_s, state.ratio, st.n,
                          fl)  # fmt: skip
     if cfg.fit_time:
-        # get_divergence(mode="tau") in plain float64 (every flag off gives the values of
-        # no flags) and the variance's re-assignment with the fit's flags share one
-        # assignment site: a loop of two, so the program holds one copy
-        off = jax.tree_util.tree_map(lambda x: jnp.zeros_like(jnp.asarray(x)), fl)
-
+        # get_divergence(mode="tau") and the variance's re-assignment share one
+        # assignment site: a loop of two, so the program holds one copy. Both use the
+        # fit's float32 flags (a parameter still float32 upstream, e.g. gamma, makes
+        # ``-1 / gamma`` in tau_inv float32); only the variance's reads float32 times.
         def body(k, acc):
-            a = _assign(st, state.pars, mode, nbrs, cfg, _select(k == 0, off, fl),
-                        t32=st.data32 & (k == 1))  # fmt: skip
+            a = _assign(st, state.pars, mode, nbrs, cfg, fl, t32=st.data32 & (k == 1))
             return jax.tree_util.tree_map(lambda x, y: x.at[k].set(y), acc, a)
 
         n = st.u.shape[0]

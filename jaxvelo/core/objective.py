@@ -126,7 +126,7 @@ def dists(
     sdiff = true_divide(st - s, std_s)
     r = fl.gamma & fl.beta & fl.ratio
     reg = r32(r32(r32(gamma / beta, gb) - ratio, r) * s, r)
-    reg = r32(reg / std_s, r)
+    reg = r32(true_divide(reg, std_s), r)
     reg = jnp.where(jnp.isnan(ratio), 0, reg)
     return udiff, sdiff, reg
 
@@ -175,10 +175,11 @@ def loglikelihood(
     distx = fb(udiff**2) + fb(sdiff**2) + fb(r32(reg**2, fl.gamma & fl.beta & fl.ratio))
     eucl_distx = jnp.sqrt(distx)
     # a Python int or the traced real count of a padded cell axis: the same float64 product
-    n = jnp.clip(sub.n - jnp.asarray(n_obs, jnp.float64) * 0.01, 2, None)
+    n = jnp.clip(sub.n - fb(jnp.asarray(n_obs, jnp.float64) * 0.01), 2, None)  # no FMA
     valid = jnp.arange(distx.shape[0]) < sub.n
     signed = jnp.where(valid, jnp.sign(sdiff) * eucl_distx, 0)
-    varx = _masked_mean(distx, sub.n) - _masked_mean(signed, sub.n) ** 2
+    # the square is rounded before the subtraction, as numpy does (fb: no FMA)
+    varx = _masked_mean(distx, sub.n) - fb(_masked_mean(signed, sub.n) ** 2)
     varx = varx + (varx == 0)
     loglik = -1 / 2 / n * pairwise_sum(distx, sub.n) / varx
     loglik = loglik - 1 / 2 * np_log64(2 * jnp.pi * varx)
@@ -201,4 +202,4 @@ def variance(t, u, s, sub: Subset, pars, std_u, std_s, ratio, fl: Flags = NO_FLA
     distx = fb(udiff**2) + fb(sdiff**2)
     valid = jnp.arange(distx.shape[0]) < sub.n
     signed = jnp.where(valid, jnp.sign(sdiff) * jnp.sqrt(distx), 0)
-    return _masked_mean(distx, sub.n) - _masked_mean(signed, sub.n) ** 2
+    return _masked_mean(distx, sub.n) - fb(_masked_mean(signed, sub.n) ** 2)
