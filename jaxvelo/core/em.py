@@ -212,14 +212,14 @@ def _overlay(state: EMState, idx: tuple[int, ...], x: Array) -> Array:
     return p.at[T_].set(jnp.where(p[T_] == 0, state.pars[T_], p[T_]))
 
 
-def _assign(st: Static, p: Array, mode, nbrs, cfg: FitConfig, fl=None, t32=None) -> Assignment:
+def _assign(st: Static, p: Array, mode, nbrs, cfg: FitConfig, fl=None) -> Assignment:
     """The time assignment of the parameters ``p``; ``fl``: the float32 flags, with the
-    time flag meaning "the data layers are float32" (``st.data32``, or ``t32``)."""
+    time flag meaning "the data layers are float32" (``st.data32``)."""
     alpha, beta, gamma, scaling, t_ = _vars(p)
     u = true_divide(st.u, scaling)
     if fl is not None:
         u = r32(u, fl.scaling & st.data32)
-        fl = fl._replace(t=st.data32 if t32 is None else t32)
+        fl = fl._replace(t=st.data32)
     return assign_timepoints(
         u, st.s, alpha, beta, gamma, scaling, t_, st.std_u, st.std_s,
         nbrs, mode, cfg.fit_steady_states, fl, valid=st.valid, grid=_grid(st),
@@ -920,19 +920,12 @@ def final_result(state: EMState, st: Static, nbrs, cfg: FitConfig, mode, iv: dic
     lik = obj.likelihood(state.t, st.u, st.s, st.wu, v, st.std_u, st.std_s, state.ratio, st.n,
                          fl)  # fmt: skip
     if cfg.fit_time:
-        # get_divergence(mode="tau") and the variance's re-assignment share one
-        # assignment site: a loop of two, so the program holds one copy. Both use the
-        # fit's float32 flags (a parameter still float32 upstream, e.g. gamma, makes
-        # ``-1 / gamma`` in tau_inv float32); only the variance's reads float32 times.
-        def body(k, acc):
-            a = _assign(st, state.pars, mode, nbrs, cfg, fl, t32=st.data32 & (k == 1))
-            return jax.tree_util.tree_map(lambda x, y: x.at[k].set(y), acc, a)
-
-        n = st.u.shape[0]
-        z, zi = jnp.zeros((2, n), st.u.dtype), jnp.zeros((2, n), jnp.int32)
-        acc = jax.lax.fori_loop(0, 2, body, Assignment(z, z, zi, z, z))
-        final = jax.tree_util.tree_map(lambda x: x[0], acc)
-        t_var = acc.t[1]
+        # get_divergence(mode="tau") and the variance's re-assignment (get_variance ->
+        # get_time_assignment(refit_time=True)) assign the same parameters the same way:
+        # one assignment, with the fit's float32 flags (a parameter still float32 upstream,
+        # e.g. a never-updated gamma, makes ``-1 / gamma`` in tau_inv float32)
+        final = _assign(st, state.pars, mode, nbrs, cfg, fl)
+        t_var = final.t
     else:
         final = _assign(st, state.pars, mode, nbrs, cfg)  # get_divergence(mode="tau")
         t_var = state.t
