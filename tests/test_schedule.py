@@ -85,7 +85,8 @@ def test_schedule_holds_one_time_assignment(monkeypatch, high_pars):
     """The exact program has three time assignments (adjust_increments kernels): the first
     (in the data dtype), one for the whole initialize_scaling + fit schedule -- every
     Nelder-Mead stage, update() evaluation and mode -- and one for the final statistics
-    (the final tau and the variance's re-assignment). Before the schedule ran as one loop with one evaluation site it had 16."""
+    (the final tau and the variance's re-assignment). Before the schedule ran as one loop
+    with one evaluation site it had 16."""
     from jaxvelo.core import batch
     from jaxvelo.core.em import FitConfig, GeneData
 

@@ -286,6 +286,17 @@ def assign_tau(
     return _projection(*ops)
 
 
+def _projects(assignment_mode, beta: Array, gamma: Array) -> Array | bool:
+    """Whether :func:`assign_tau` takes the projection branch (per gene)."""
+    if isinstance(assignment_mode, ModeSwitch):
+        index = jnp.asarray(assignment_mode.index)
+        hit = [(index == i) & _projects(m, beta, gamma)
+               for i, m in enumerate(assignment_mode.modes)]  # fmt: skip
+        return functools.reduce(jnp.logical_or, hit, jnp.asarray(False))
+    kind = _kind(assignment_mode)
+    return beta < gamma if kind == "projection" else kind == "full"
+
+
 def _zeros(*ops):
     """A pair of zero time arrays shaped and typed like an assignment of ``ops``."""
     shape = jnp.shape(ops[0])
@@ -361,11 +372,12 @@ def _sorted_gaps(x: Array, mask: Array) -> tuple[Array, Array, Array]:
     return xs, dx, valid
 
 
-def _subtract_gaps(x: Array, mask: Array, xs: Array, dx: Array, big: Array) -> Array:
+def _subtract_gaps(x: Array, mask: Array, xs: Array, dx: Array, big: Array, to32=False) -> Array:
     """``for i in where(big): x_new[x >= xs[i]] -= dx[i]`` in ascending ``i``.
 
     Upstream (utils ~150, ~155) subtracts sequentially and tests on the original values;
-    the loop keeps that order of subtractions (it matters in the last bits).
+    the loop keeps that order of subtractions (it matters in the last bits). ``to32``: ``x``
+    (float64) holds upstream's float32 array, each difference is rounded to float32.
     """
     n = x.shape[0]
     pos = jnp.arange(n)
@@ -379,6 +391,7 @@ def _subtract_gaps(x: Array, mask: Array, xs: Array, dx: Array, big: Array) -> A
         i = jnp.argmax(big & (pos > i_prev))
         # float32 tau_new -= float64 dti: computed in float64, rounded to float32
         sub = (x_new.astype(dx.dtype) - dx[i]).astype(x_new.dtype)
+        sub = r32(sub, to32)
         x_new = jnp.where(mask & (x >= xs[i]), sub, x_new)
         return i, x_new
 
@@ -386,7 +399,7 @@ def _subtract_gaps(x: Array, mask: Array, xs: Array, dx: Array, big: Array) -> A
     return x_new
 
 
-def _adjust_increments_xla(tau: Array, on: Array, tau_: Array, off: Array):
+def _adjust_increments_xla(tau: Array, on: Array, tau_: Array, off: Array, to32=False):
     xs, dx, valid = _sorted_gaps(tau, on)
     xs_, dx_, valid_ = _sorted_gaps(tau_, off)
     any_on, any_off = jnp.any(on), jnp.any(off)
@@ -394,7 +407,7 @@ def _adjust_increments_xla(tau: Array, on: Array, tau_: Array, off: Array):
     gaps = jnp.concatenate([dx, dx_])
     gmask = jnp.concatenate([valid & any_on, valid_ & any_off])
     ub = 3 * np_percentile_masked(gaps, gmask, 99.5)
-    tau_new = _subtract_gaps(tau, on, xs, dx, valid & (dx > ub))
+    tau_new = _subtract_gaps(tau, on, xs, dx, valid & (dx > ub), to32)
     tau_new_ = _subtract_gaps(tau_, off, xs_, dx_, valid_ & (dx_ > ub))
     return tau_new, tau_new_
 
@@ -408,7 +421,9 @@ def use_host_kernels() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def adjust_increments(tau: Array, on: Array, tau_: Array, off: Array) -> tuple[Array, Array]:
+def adjust_increments(
+    tau: Array, on: Array, tau_: Array, off: Array, to32=False
+) -> tuple[Array, Array]:
     """Masked port of ``_em_model_utils.adjust_increments`` as called in
     ``compute_divergence`` (utils ~294-300).
 
@@ -418,31 +433,37 @@ def adjust_increments(tau: Array, on: Array, tau_: Array, off: Array) -> tuple[A
     their values. On CPU this is a numba kernel called as an XLA custom call, once per gene
     batch (:mod:`.host_kernels`); elsewhere the XLA port (:func:`_adjust_increments_xla`).
     Both are tested bitwise against upstream's function.
+
+    ``to32`` (per gene): float64 ``tau`` holding upstream's *float32* times (the projection
+    grid ``np.linspace(0, t_)`` of a float32 ``t_``): upstream's ``tau_new[tau >= ti] -=
+    dti`` then rounds each difference to float32.
     """
     if not use_host_kernels():
-        return _adjust_increments_xla(tau, on, tau_, off)
-    return _adjust_host(tau, on, tau_, off)
+        return _adjust_increments_xla(tau, on, tau_, off, to32)
+    return _adjust_host(tau, on, tau_, off, jnp.asarray(to32, bool))
 
 
-def _adjust_call(tau: Array, on: Array, tau_: Array, off: Array) -> tuple[Array, Array]:
+def _adjust_call(
+    tau: Array, on: Array, tau_: Array, off: Array, to32: Array
+) -> tuple[Array, Array]:
     """The numba custom call on (genes, cells) arrays (:mod:`.host_kernels`)."""
     from . import host_kernels
 
     name = host_kernels.register(tau.dtype)
     out = jax.ShapeDtypeStruct(tau.shape, tau.dtype)
     call = jax.ffi.ffi_call(name, (out, out))
-    return call(tau, on.astype(bool), tau_.astype(tau.dtype), off.astype(bool))
+    return call(tau, on.astype(bool), tau_.astype(tau.dtype), off.astype(bool), to32.astype(bool))
 
 
 @jax.custom_batching.custom_vmap
-def _adjust_host(tau, on, tau_, off):
-    res = _adjust_call(tau[None], on[None], tau_[None], off[None])
+def _adjust_host(tau, on, tau_, off, to32):
+    res = _adjust_call(tau[None], on[None], tau_[None], off[None], to32[None])
     return res[0][0], res[1][0]
 
 
 @_adjust_host.def_vmap
-def _adjust_host_batched(axis_size, in_batched, tau, on, tau_, off):
-    args = all_batched(axis_size, in_batched, (tau, on, tau_, off))
+def _adjust_host_batched(axis_size, in_batched, tau, on, tau_, off, to32):
+    args = all_batched(axis_size, in_batched, (tau, on, tau_, off, to32))
     return _adjust_call(*args), (True, True)
 
 
@@ -529,7 +550,10 @@ def assign_timepoints(
     off = ~on
     if valid is not None:
         on, off = on & valid, off & valid
-    tau, tau_ = adjust_increments(tau, on, tau_, off)
+    # np.linspace(0, t_) is float32 for a float32 t_ (utils ~193), and so are the projected
+    # 'on' times: upstream's subtractions in adjust_increments are then float32 too
+    to32 = False if f32 is None else f32["t_"] & _projects(assignment_mode, beta, gamma)
+    tau, tau_ = adjust_increments(tau, on, tau_, off, to32)
 
     ut, st = solution(tau, alpha, beta, gamma, f32=f_on)
     ut_, st_ = solution(tau_, 0, beta, gamma, u0_, s0_, f32=f_off)

@@ -203,12 +203,12 @@ def _gaps(x):
 
 
 @nb.njit(cache=True, nogil=True)
-def _subtract(out, vals, mask, s, d, ub):
+def _subtract(out, vals, mask, s, d, ub, r32=False):
     # for i in where(d > ub): out[mask & (vals >= s[i])] -= d[i]   (sequential, in order)
     # Cell by cell: the big gaps' thresholds s[i] ascend, so a cell's subtractions are
     # those of a prefix of them, applied in the same ascending order (each rounded to
-    # out's dtype) -- the same values, in O(cells + subtractions) instead of
-    # O(cells x big gaps).
+    # out's dtype, and to float32 with r32: float64 out holding upstream's float32 times)
+    # -- the same values, in O(cells + subtractions) instead of O(cells x big gaps).
     big = np.flatnonzero(d > ub)
     k = big.shape[0]
     if k == 0:
@@ -221,6 +221,8 @@ def _subtract(out, vals, mask, s, d, ub):
             i = 0
             while i < k and v >= thr[i]:
                 out[c] = np.float64(out[c]) - dd[i]
+                if r32:
+                    out[c] = np.float32(out[c])
                 i += 1
 
 
@@ -282,7 +284,7 @@ def _cross_gaps(v, n, bmin, bmax, thr, gap):
 
 
 @nb.njit(cache=True, nogil=True)
-def _subtract_gaps(out, vals, mask, thr, gap, count, ub, lo, scale, n, cnt, big):
+def _subtract_gaps(out, vals, mask, thr, gap, count, ub, lo, scale, n, cnt, big, r32=False):
     # for i in where(gap > ub): out[mask & (vals >= thr[i])] -= gap[i]   (in order)
     # thr/gap/lo/scale/n from _cross_gaps on the n values vals[mask]. Each threshold is the
     # minimum of a bucket of its monotone map j(x), so for a value x of the group
@@ -290,8 +292,8 @@ def _subtract_gaps(out, vals, mask, thr, gap, count, ub, lo, scale, n, cnt, big)
     # value of an earlier one; a bucket's values are >= its minimum). With cnt[j + 1] the
     # number of big gaps ending in buckets <= j, a cell's subtractions are the first
     # cnt[j(x) + 1] big gaps, applied in the same ascending order, each rounded to out's
-    # dtype: one pass over the cells instead of one per big gap (5-30 of them at 50,000
-    # cells). cnt (n + 1 int64) and big: scratch.
+    # dtype (and to float32 with r32, see _subtract): one pass over the cells instead of
+    # one per big gap (5-30 of them at 50,000 cells). cnt (n + 1 int64) and big: scratch.
     k = 0
     cnt[: n + 1] = 0
     for i in range(count):
@@ -309,10 +311,12 @@ def _subtract_gaps(out, vals, mask, thr, gap, count, ub, lo, scale, n, cnt, big)
         m = cnt[min(int(t), n - 1) + 1] if on else 0
         for i in range(m):
             out[c] = np.float64(out[c]) - big[i]
+            if r32:
+                out[c] = np.float32(out[c])
 
 
 @nb.njit(cache=True, nogil=True)
-def _adjust_bucketed(out, tau, on, out_, tau_, off, scratch):
+def _adjust_bucketed(out, tau, on, out_, tau_, off, scratch, r32=False):
     """``_adjust``'s result for one gene from the crossing gaps alone (:func:`_cross_gaps`)
     when that is provably exact; returns False (outputs untouched) otherwise.
 
@@ -322,7 +326,8 @@ def _adjust_bucketed(out, tau, on, out_, tau_, off, scratch):
     theirs; and every other gap is <= bound <= percentile <= 3 * percentile, so the gaps
     that are removed (> 3 * percentile) are all crossing gaps too -- the same values and
     subtractions, in the same order, as with the full sort. Holds unless the values are
-    very clumped (then the kernel sorts). ``scratch``: float64 (9, cells + 1)."""
+    very clumped (then the kernel sorts). ``scratch``: float64 (9, cells + 1); ``r32``:
+    round the 'on' group's subtractions to float32 (see :func:`_subtract`)."""
     va, vb, bmin, bmax, ta, ga, tb, gb, cross = scratch
     na = _compact(tau, on, va)
     nb_ = _compact(tau_, off, vb)
@@ -347,19 +352,20 @@ def _adjust_bucketed(out, tau, on, out_, tau_, off, scratch):
     lo, hi = _upper_order_stats(cross[: ca + cb], ca + cb - need)
     ub = 3 * _lerp(lo, hi, vi - prev)
     cnt = bmin.view(np.int64)  # bmin/bmax are free again: scratch of the subtractions
-    _subtract_gaps(out, tau, on, ta, ga, ca, ub, lo_a, scale_a, na, cnt, bmax)
+    _subtract_gaps(out, tau, on, ta, ga, ca, ub, lo_a, scale_a, na, cnt, bmax, r32)
     _subtract_gaps(out_, tau_, off, tb, gb, cb, ub, lo_b, scale_b, nb_, cnt, bmax)
     return True
 
 
 @nb.njit(cache=True, nogil=True)
-def _adjust(tau, on, tau_, off, out, out_):
-    # compute_divergence ~294-300 per gene (row): both groups share the threshold
+def _adjust(tau, on, tau_, off, out, out_, r32):
+    # compute_divergence ~294-300 per gene (row): both groups share the threshold; r32[g]:
+    # gene g's 'on' times are upstream's float32 array (see _subtract)
     scratch = np.empty((9, tau.shape[1] + 1), np.float64)
     for g in range(tau.shape[0]):
         out[g, :] = tau[g, :]
         out_[g, :] = tau_[g, :]
-        if _adjust_bucketed(out[g], tau[g], on[g], out_[g], tau_[g], off[g], scratch):
+        if _adjust_bucketed(out[g], tau[g], on[g], out_[g], tau_[g], off[g], scratch, r32[g]):
             continue
         a = tau[g][on[g]]
         b = tau_[g][off[g]]
@@ -376,7 +382,7 @@ def _adjust(tau, on, tau_, off, out, out_):
         if np.any(np.isnan(allg)):
             continue  # np.percentile -> nan: no gap exceeds it
         ub = 3 * _percentile995(allg)
-        _subtract(out[g], tau[g], on[g], sa, da, ub)
+        _subtract(out[g], tau[g], on[g], sa, da, ub, r32[g])
         _subtract(out_[g], tau_[g], off[g], sb, db, ub)
 
 
@@ -466,14 +472,15 @@ def _ffi_flat(list_addr, i, like):
 
 @nb.njit(cache=True, nogil=True)
 def _ffi_run(frame, like):
-    # operands tau, on (bool), tau_, off (bool); results tau_new, tau_new_ -- all
-    # (genes, cells) with tau's dtype = like's. Returns NULL (success).
+    # operands tau, on (bool), tau_, off (bool) -- (genes, cells) with tau's dtype =
+    # like's -- and r32 (genes,) bool; results tau_new, tau_new_. Returns NULL (success).
     run, f = _ffi_frame(frame)
     if run:
         no = np.bool_(False)
         _adjust(_ffi_array(f[9], 0, like), _ffi_array(f[9], 1, no),
                 _ffi_array(f[9], 2, like), _ffi_array(f[9], 3, no),
-                _ffi_array(f[14], 0, like), _ffi_array(f[14], 1, like))  # fmt: skip
+                _ffi_array(f[14], 0, like), _ffi_array(f[14], 1, like),
+                _ffi_vector(f[9], 4, no))  # fmt: skip
     return _ptr(0)
 
 
