@@ -406,16 +406,12 @@ def _exp_log(x: jax.Array, log: bool, host: bool, native_div: bool) -> jax.Array
 _exp_log_jit = jax.jit(_exp_log, static_argnums=(1, 2, 3))
 
 
-def _host() -> bool:
-    return numpy_exp_log()
-
-
 def _exp_jit(x: jax.Array) -> jax.Array:
-    return _exp_log_jit(x, False, _host(), native_f32_division())
+    return _exp_log_jit(x, False, numpy_exp_log(), native_f32_division())
 
 
 def _log_jit(x: jax.Array) -> jax.Array:
-    return _exp_log_jit(x, True, _host(), native_f32_division())
+    return _exp_log_jit(x, True, numpy_exp_log(), native_f32_division())
 
 
 def np_exp32(x: jax.Array) -> jax.Array:
