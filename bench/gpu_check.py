@@ -83,8 +83,47 @@ def gate(adata, ref) -> dict:
                                                np.isfinite(ref["var"][:, 0])))}  # fmt: skip
 
 
+def _scvelo_shim() -> None:
+    """Where scVelo is not installed (the GPU machine): the two scVelo 0.3.4 helpers that
+    ``jaxvelo.recover_dynamics`` imports, transcribed (``scvelo/core/_parallelize.py``
+    ``get_n_jobs``; ``scvelo/preprocessing/moments.py`` ``get_connectivities`` for the
+    default call: ``mode="connectivities"``, no neighbour selection or recursion)."""
+    try:
+        import scvelo  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        return
+    import types
+
+    def get_n_jobs(n_jobs):
+        cpus = os.cpu_count()
+        if n_jobs is None or (n_jobs < 0 and cpus + 1 + n_jobs <= 0):
+            return 1
+        return cpus if n_jobs > cpus else cpus + 1 + n_jobs if n_jobs < 0 else n_jobs
+
+    def get_connectivities(adata, mode="connectivities", n_neighbors=None,
+                           recurse_neighbors=False):  # fmt: skip
+        if n_neighbors is not None or recurse_neighbors or mode != "connectivities":
+            raise NotImplementedError("the GPU check's scVelo shim covers the default call")
+        if "neighbors" not in adata.uns.keys():
+            return None
+        c = adata.obsp[mode] if mode in adata.obsp.keys() else adata.uns["neighbors"][mode]
+        c = c > 0
+        c.setdiag(1)
+        c = c.multiply(1.0 / c.sum(1))
+        return c.tocsr().astype(np.float32)
+
+    names = ("scvelo", "scvelo.core", "scvelo.preprocessing", "scvelo.preprocessing.moments")
+    mods = {name: types.ModuleType(name) for name in names}
+    mods["scvelo.core"].get_n_jobs = get_n_jobs
+    mods["scvelo.preprocessing.moments"].get_connectivities = get_connectivities
+    sys.modules.update(mods)
+
+
 def run(out: str, data: str, specs: list[str]) -> None:
     t0 = time.perf_counter()
+    _scvelo_shim()
     import anndata as ad
     import jax
 
