@@ -104,3 +104,40 @@ def test_solution_and_tau_inv_are_upstreams_bits():
             ref = up.tau_inv(u, s, 0, 0, alpha, beta, gamma)
         got = kinetics.tau_inv(jnp.asarray(u), jnp.asarray(s), 0, 0, alpha, beta, gamma)
         assert_bitwise(got, ref)
+
+
+@pytest.mark.parametrize("branch", ["on", "off"])
+@pytest.mark.parametrize("t32", [False, True])
+@pytest.mark.parametrize("rates32", [(0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 1, 0), (1, 0, 1),
+                                     (0, 1, 1), (1, 1, 1)])  # fmt: skip
+def test_solution_float32_operands(rates32, t32, branch):
+    """``kinetics.solution``'s float32 flags against upstream with numpy float32 operands:
+    the rates, and the time points (key ``t``: ``np.linspace(0, t_)`` for a float32 ``t_``,
+    whose 'on' curve has float32 ``exp(-gamma * t)`` for a float32 gamma -- the fixture's
+    Ranbp3/Tgm2). 'on': ``u0 = s0 = 0`` (ints); 'off': ``alpha = 0`` (int) and the switch
+    state float32 with alpha (the flag stands for both)."""
+    a32, b32, g32 = map(bool, rates32)
+    rng = np.random.default_rng(sum(rates32) + 8 * t32)
+
+    def cast(v, f32):
+        return np.float32(v) if f32 else np.float64(v)
+
+    flags = {"beta": b32, "gamma": g32, "t": t32}
+    for _ in range(20):
+        alpha, beta, gamma = cast(rng.uniform(0.05, 5), a32), cast(rng.uniform(0.05, 5), b32), \
+            cast(rng.uniform(0.05, 5), g32)  # fmt: skip
+        t = np.linspace(0, cast(rng.uniform(1, 20), t32), 237)
+        if branch == "on":
+            u0 = s0 = 0
+            flags.update(alpha=a32, u0=True, s0=True)
+        else:
+            u0, s0 = cast(rng.uniform(0, 3), a32), cast(rng.uniform(0, 3), a32)
+            alpha = 0
+            flags.update(alpha=True, u0=a32, s0=a32)
+        dyn = SplicingDynamics(alpha=alpha, beta=beta, gamma=gamma, initial_state=[u0, s0])
+        ru, rs = dyn.get_solution(t, stacked=False)
+        f32 = {k: jnp.asarray(v) for k, v in flags.items()}
+        ju, js = jax.jit(kinetics.solution)(jnp.asarray(t, jnp.float64), *map(float, (
+            alpha, beta, gamma, u0, s0)), f32=f32)  # fmt: skip
+        assert_bitwise(ju, np.asarray(ru, np.float64))
+        assert_bitwise(js, np.asarray(rs, np.float64))

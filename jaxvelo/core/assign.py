@@ -219,19 +219,14 @@ def _projection(u, s, alpha, beta, gamma, t_, u0_, s0_, f32, num=None):
     tpoints_ = linspace(0, t0, num, size)[1:]
     f_on = None if f32 is None else {**f32, "u0": True, "s0": True}
     f_off = None if f32 is None else {**f32, "alpha": True}
-    gu, gs = solution(tpoints, alpha, beta, gamma, f32=f_on)
     if f32 is not None and tpoints.dtype == jnp.float64:
-        # utils ~193: np.linspace(0, t_) is float32 for a float32 t_, and so are the
-        # assigned times; with float32 rates the 'on' curve is float32 too.
+        # utils ~193: np.linspace(0, t_) is float32 for a float32 t_, and with it the
+        # 'on' curve's float32 operations (kinetics.solution's "t" flag)
         t32 = f32["t_"]
-        f = jnp.float32
-        tp32 = linspace(jnp.asarray(0, f), t_.astype(f), num, size)
-        all32 = t32 & f32["alpha"] & f32["beta"] & f32["gamma"]
-        gu32, gs32 = solution(tp32, alpha.astype(f), beta.astype(f), gamma.astype(f))
-        gu64, gs64 = solution(tp32.astype(tpoints.dtype), alpha, beta, gamma, f32=f_on)
+        tp32 = linspace(jnp.asarray(0, jnp.float32), t_.astype(jnp.float32), num, size)
         tpoints = jnp.where(t32, tp32.astype(tpoints.dtype), tpoints)
-        gu = jnp.where(all32, gu32.astype(gu.dtype), jnp.where(t32, gu64, gu))
-        gs = jnp.where(all32, gs32.astype(gs.dtype), jnp.where(t32, gs64, gs))
+        f_on = {**f_on, "t": t32}
+    gu, gs = solution(tpoints, alpha, beta, gamma, f32=f_on)
     gu_, gs_ = solution(tpoints_, 0, beta, gamma, u0_, s0_, f32=f_off)
     if size is not None:  # the grid points past num: never nearest
         gu, gs = _beyond(gu, num), _beyond(gs, num)
@@ -279,7 +274,7 @@ def assign_tau(
     if kind == "projection":
         # each branch only for the genes that take it (lazily, the projection 8 genes
         # at a time: see _switched)
-        use = beta < gamma
+        use = _projects(assignment_mode, beta, gamma)
         tau_p, tau_p_ = cond_any(use, _projection, _zeros, *ops, chunk=_PROJ_CHUNK)
         tau_i, tau_i_ = cond_any(~use, _inverse, _zeros, *ops, discard=True)
         return jnp.where(use, tau_p, tau_i), jnp.where(use, tau_p_, tau_i_)
@@ -287,7 +282,8 @@ def assign_tau(
 
 
 def _projects(assignment_mode, beta: Array, gamma: Array) -> Array | bool:
-    """Whether :func:`assign_tau` takes the projection branch (per gene)."""
+    """Whether :func:`assign_tau` takes the projection branch (per gene): the one rule,
+    also for ``assign_tau``'s own choice and the float32 flags that follow it."""
     if isinstance(assignment_mode, ModeSwitch):
         index = jnp.asarray(assignment_mode.index)
         hit = [(index == i) & _projects(m, beta, gamma)
@@ -332,7 +328,7 @@ def _switched(ms: ModeSwitch, ops: tuple) -> tuple[Array, Array]:
     if len(set(kinds)) == 1:
         return assign_tau(*ops[:8], ms.modes[0], ops[8], ops[9])
     index = jnp.asarray(ms.index)
-    use_proj = ops[3] < ops[4]  # beta < gamma
+    use_proj = _projects("projection", ops[3], ops[4])  # beta < gamma
 
     def needed(kind: str, where_proj):
         hit = [index == i for i, k in enumerate(kinds) if k == kind]
@@ -538,7 +534,11 @@ def assign_timepoints(
         std_u = r32(std_u, fl.t & fl.scaling)  # float32 std_u / float32 scaling
 
     # constraint_time_increments (utils ~284-302)
-    f_on = None if f32 is None else {**f32, "u0": True, "s0": True}  # ints 0
+    # np.linspace(0, t_) is float32 for a float32 t_ (utils ~193), and so are the projected
+    # 'on' times: upstream's solution at them and its subtractions in adjust_increments
+    # are then float32 too
+    to32 = False if f32 is None else f32["t_"] & _projects(assignment_mode, beta, gamma)
+    f_on = None if f32 is None else {**f32, "u0": True, "s0": True, "t": to32}  # ints 0
     f_off = None if f32 is None else {**f32, "alpha": True}  # alpha = 0 (int)
     ut, st = solution(tau, alpha, beta, gamma, f32=f_on)
     ut_, st_ = solution(tau_, 0, beta, gamma, u0_, s0_, f32=f_off)
@@ -550,9 +550,6 @@ def assign_timepoints(
     off = ~on
     if valid is not None:
         on, off = on & valid, off & valid
-    # np.linspace(0, t_) is float32 for a float32 t_ (utils ~193), and so are the projected
-    # 'on' times: upstream's subtractions in adjust_increments are then float32 too
-    to32 = False if f32 is None else f32["t_"] & _projects(assignment_mode, beta, gamma)
     tau, tau_ = adjust_increments(tau, on, tau_, off, to32)
 
     ut, st = solution(tau, alpha, beta, gamma, f32=f_on)
