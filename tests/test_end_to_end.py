@@ -22,11 +22,12 @@ from jaxvelo.concordance import compare
 FLOOR_WITHIN_1E6 = {"fixture": 0.99, "pancreas1500": 0.99}
 # Not gated: genes whose six values are upstream's bit for bit, where the program calls
 # numpy's own exp/log, and of those the genes whose fit_t/fit_tau/fit_tau_ columns are too
-# (measured: fixture 100% / 99.85%, 1500 cells 99.82% / 99.82%; at fe24983, before the FMA
+# (measured: 100% / 100% on both since 6ec7cc1; fixture 100% / 99.85%, 1500 cells
+# 99.82% / 99.82% before it and the float32 flag of adjust_increments; at fe24983, before the FMA
 # and float32 fixes of the final statistics, 98.42% and 97.85% with fit_t alone 100%; with
 # XLA's exp/log 48.00% and 60.82%).
 FLOOR_BITWISE = {"fixture": 0.995, "pancreas1500": 0.99}
-FLOOR_TIME_BITWISE = 0.99
+FLOOR_TIME_BITWISE = 0.995
 
 
 def _check_bitwise(c, tier: str) -> None:
