@@ -613,10 +613,12 @@ def _write_results(adata, writes: _Writes, res, idx, u0, s0, conn, t_max, cfg):
     steady_u[idx] *= scaling[idx]
     std_u[idx], std_s[idx] = res["std_u"], res["std_s"]
     likelihood[idx], varx[idx] = res["likelihood"], res["varx"]
-    if had_t:
-        T[:, idx] = T[:, idx] if conn is None else conn.dot(T[:, idx])
-    else:
-        T = T if conn is None else conn.dot(T)
+    if conn is not None:
+        # core ~608-611: T[:, idx] = conn.dot(T[:, idx]) with an earlier fit_t layer, else
+        # T = conn.dot(T) over all genes -- whose unfitted columns are NaN, and stay NaN
+        # (every row of conn has its diagonal), so only the fitted columns are computed
+        # (csr_matvecs treats each column alone: the same bits)
+        T[:, idx] = conn.dot(T[:, idx])
 
     # varm["loss"] (core ~620-635)
     n_hist = res["n_hist"]
