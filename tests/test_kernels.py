@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -592,3 +594,24 @@ def test_adjust_increments_many_big_gaps(dtype):
     got, got_ = assign.adjust_increments(*map(jnp.asarray, (tau, on, tau_, off)))
     np.testing.assert_array_equal(np.asarray(got), exp_tau)
     np.testing.assert_array_equal(np.asarray(got_), exp_tau_)
+
+
+def test_warm_cache_compiles_every_kernel_in_parallel(tmp_path):
+    """``host_kernels.warm_cache`` fills an empty numba cache from worker processes (the
+    fresh install's ~40 s of numba compilation, split), after which this process finds every
+    kernel cached; importing the module compiles nothing."""
+    code = (
+        "import time; t = time.perf_counter()\n"
+        "from jaxvelo.core import host_kernels as h\n"
+        "assert time.perf_counter() - t < 20, 'import compiled kernels'\n"
+        "fns = [f for f in h._COMPILE_S\n"
+        "       if 'numpy' not in f.__name__ or h._numpy_loops() is not None]\n"
+        "assert len(h._uncached(fns)) == len(fns)\n"
+        "assert h.warm_cache(2) == len(fns)\n"
+        "assert h._uncached(fns) == []\n"
+        "assert h.warm_cache(2) == 0\n"
+        "h.register_all()\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]

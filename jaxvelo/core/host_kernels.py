@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 
 import numba as nb
 import numpy as np
@@ -484,13 +485,11 @@ def _ffi_run(frame, like):
     return _ptr(0)
 
 
-@nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
-def _ffi_f64(frame):
+def _ffi_f64(frame):  # a cfunc: _cfunc
     return _ffi_run(frame, np.float64(0))
 
 
-@nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
-def _ffi_f32(frame):
+def _ffi_f32(frame):  # a cfunc: _cfunc
     return _ffi_run(frame, np.float32(0))
 
 
@@ -506,13 +505,11 @@ def _ffi_sort_run(frame, like):
     return _ptr(0)
 
 
-@nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
-def _ffi_sort_f64(frame):
+def _ffi_sort_f64(frame):  # a cfunc: _cfunc
     return _ffi_sort_run(frame, np.float64(0))
 
 
-@nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
-def _ffi_sort_f32(frame):
+def _ffi_sort_f32(frame):  # a cfunc: _cfunc
     return _ffi_sort_run(frame, np.float32(0))
 
 
@@ -698,12 +695,10 @@ with _slp_vectorized():
                 _smooth_rows(t, c0, w, order, ptr, idx, val, out)
         return _ptr(0)
 
-    @nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
-    def _ffi_smooth_f64(frame):
+    def _ffi_smooth_f64(frame):  # a cfunc: _cfunc
         return _smooth_run(frame, np.float64(0))
 
-    @nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
-    def _ffi_smooth_f32(frame):
+    def _ffi_smooth_f32(frame):  # a cfunc: _cfunc
         return _smooth_run(frame, np.float32(0))
 
 
@@ -808,12 +803,10 @@ with _slp_vectorized():
                      _ffi_array(f[14], 0, np.int32(0)))  # fmt: skip
         return _ptr(0)
 
-    @nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
-    def _ffi_nearest_f64(frame):
+    def _ffi_nearest_f64(frame):  # a cfunc: _cfunc
         return _nearest_run(frame, np.float64(0))
 
-    @nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
-    def _ffi_nearest_f32(frame):
+    def _ffi_nearest_f32(frame):  # a cfunc: _cfunc
         return _nearest_run(frame, np.float32(0))
 
 
@@ -918,13 +911,11 @@ def _pairwise_run(frame, like):
     return _ptr(0)
 
 
-@nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
-def _ffi_pairwise_f64(frame):
+def _ffi_pairwise_f64(frame):  # a cfunc: _cfunc
     return _pairwise_run(frame, np.float64(0))
 
 
-@nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)
-def _ffi_pairwise_f32(frame):
+def _ffi_pairwise_f32(frame):  # a cfunc: _cfunc
     return _pairwise_run(frame, np.float32(0))
 
 
@@ -1184,6 +1175,18 @@ _SORTS = {np.dtype(np.float64): _ffi_sort_f64, np.dtype(np.float32): _ffi_sort_f
 _NEARESTS = {np.dtype(np.float64): _ffi_nearest_f64, np.dtype(np.float32): _ffi_nearest_f32}
 _SMOOTHS = {np.dtype(np.float64): _ffi_smooth_f64, np.dtype(np.float32): _ffi_smooth_f32}
 _PAIRWISE = {np.dtype(np.float64): _ffi_pairwise_f64, np.dtype(np.float32): _ffi_pairwise_f32}
+# compiled with LLVM's SLP vectorizer (_slp_vectorized)
+_SLP = (_ffi_smooth_f64, _ffi_smooth_f32, _ffi_nearest_f64, _ffi_nearest_f32)
+
+
+@functools.cache
+def _cfunc(fn):
+    """``fn`` as a numba cfunc ``void* (void*)`` -- compiled on first use, or loaded from
+    numba's on-disk cache -- so that importing this module compiles nothing and each
+    kernel can be compiled in its own process (:func:`warm_cache`)."""
+    slp = _slp_vectorized() if fn in _SLP else contextlib.nullcontext()
+    with slp:
+        return nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)(fn)
 
 
 def target_name(dtype) -> str:
@@ -1205,35 +1208,38 @@ def _register(name: str, fn) -> str:
 def register(dtype) -> str:
     """Compile (numba, cached on disk) and register the adjust_increments custom call
     for ``dtype``."""
-    return _register(target_name(dtype), _CALLS[np.dtype(dtype)])
+    return _register(target_name(dtype), _cfunc(_CALLS[np.dtype(dtype)]))
 
 
 @functools.cache
 def register_sort(dtype) -> str:
     """Compile and register the row sort custom call (``np.sort`` along the last axis,
     NaNs last) for ``dtype``."""
-    return _register(f"jaxvelo_sort_rows_{np.dtype(dtype).name}", _SORTS[np.dtype(dtype)])
+    return _register(f"jaxvelo_sort_rows_{np.dtype(dtype).name}",
+                     _cfunc(_SORTS[np.dtype(dtype)]))  # fmt: skip
 
 
 @functools.cache
 def register_smooth(dtype) -> str:
     """Compile and register the smoothing custom call (``connectivities.dot(x.T).T`` on
     the CSR neighbour lists, :func:`jaxvelo.core.assign.smooth`) for ``dtype``."""
-    return _register(f"jaxvelo_smooth_{np.dtype(dtype).name}", _SMOOTHS[np.dtype(dtype)])
+    return _register(f"jaxvelo_smooth_{np.dtype(dtype).name}", _cfunc(_SMOOTHS[np.dtype(dtype)]))
 
 
 @functools.cache
 def register_nearest(dtype) -> str:
     """Compile and register the projection's nearest-grid-point custom call
     (:func:`jaxvelo.core.assign._project`) for ``dtype``."""
-    return _register(f"jaxvelo_nearest_{np.dtype(dtype).name}", _NEARESTS[np.dtype(dtype)])
+    return _register(f"jaxvelo_nearest_{np.dtype(dtype).name}",
+                     _cfunc(_NEARESTS[np.dtype(dtype)]))  # fmt: skip
 
 
 @functools.cache
 def register_pairwise(dtype) -> str:
     """Compile and register the pairwise-sum custom call (``np.add.reduce`` of each row's
     first ``n`` elements, :func:`jaxvelo.core.numerics.pairwise_sum`) for ``dtype``."""
-    return _register(f"jaxvelo_pairwise_sum_{np.dtype(dtype).name}", _PAIRWISE[np.dtype(dtype)])
+    return _register(f"jaxvelo_pairwise_sum_{np.dtype(dtype).name}",
+                     _cfunc(_PAIRWISE[np.dtype(dtype)]))  # fmt: skip
 
 
 _NUMPY_TARGETS = {  # (precision, input dtype): the kernel
@@ -1250,12 +1256,84 @@ def register_numpy_exp_log(precision: str, dtype) -> str:
     :func:`numpy_exp_log_available`)."""
     if not numpy_exp_log_available():
         raise RuntimeError("numpy's exp/log loops are not usable in this process")
-    fn = _NUMPY_TARGETS[precision, np.dtype(dtype)]
-    cfunc = nb.cfunc(types.voidptr(types.voidptr), cache=True, nogil=True)(fn)
-    return _register(f"jaxvelo_numpy_exp_log_{precision}_{np.dtype(dtype).name}", cfunc)
+    fn = _cfunc(_NUMPY_TARGETS[precision, np.dtype(dtype)])
+    return _register(f"jaxvelo_numpy_exp_log_{precision}_{np.dtype(dtype).name}", fn)
+
+
+# Every cfunc, with its compile time from scratch (seconds, a 2-core AMD EPYC VM: numba's
+# type inference and LLVM; the callees of each are compiled with it) -- to spread them
+# over processes, longest first.
+_COMPILE_S = {
+    _ffi_f64: 11.6, _ffi_f32: 7.5, _ffi_nearest_f64: 2.4, _ffi_smooth_f64: 2.3,
+    _ffi_smooth_f32: 2.1, _ffi_nearest_f32: 2.0, _ffi_pairwise_f32: 1.4,
+    _ffi_pairwise_f64: 1.3, _ffi_sort_f64: 1.3, _ffi_sort_f32: 0.9,
+    _ffi_numpy32_f64: 0.6, _ffi_numpy32_f32: 0.5, _ffi_numpy64_f64: 0.3,
+}  # fmt: skip
+
+
+def _uncached(fns) -> list:
+    """The cfuncs among ``fns`` that numba's on-disk cache has no index file for (a
+    present but stale index -- another numba, another CPU -- is found by numba itself,
+    which then compiles in this process, as without :func:`warm_cache`)."""
+    from numba.core.caching import FunctionCache
+
+    return [fn for fn in fns
+            if not os.path.exists(FunctionCache(fn)._cache_file._index_path)]  # fmt: skip
+
+
+def _compile_cfuncs(names: list[str]) -> None:
+    """Compile the named cfuncs of this module into numba's cache (a worker of
+    :func:`warm_cache`)."""
+    if any(n.startswith("_ffi_numpy") for n in names):
+        _numpy_loops()  # publishes the loop table these link against
+    for name in names:
+        _cfunc(globals()[name])
+
+
+def warm_cache(workers: int | None = None) -> int:
+    """Compile the kernels missing from numba's on-disk cache in ``workers`` processes
+    at once (default: the CPUs this process may run on), longest first.
+
+    From scratch the 13 kernels take ~40 s of numba compilation in one process (once per
+    installed version and CPU; afterwards they load in ~0.5 s); split over two processes
+    about half. Processes rather than threads: numba compiles under a global lock. Each
+    worker is a fresh interpreter (``python -c``, not ``multiprocessing``, which would
+    re-import the caller's ``__main__``). Returns the number of kernels compiled; 0 where
+    the cache is complete, with ``JAXVELO_NUMBA_WORKERS=1``, or when the cache location
+    cannot be read (this process then compiles what it needs, as before)."""
+    import subprocess
+    import sys
+
+    if workers is None:
+        env = os.environ.get("JAXVELO_NUMBA_WORKERS", "").strip()
+        workers = int(env) if env else len(os.sched_getaffinity(0))
+    fns = [fn for fn in _COMPILE_S  # numpy's exp/log kernels only where numpy has loops
+           if not fn.__name__.startswith("_ffi_numpy") or _numpy_loops() is not None]  # fmt: skip
+    try:
+        todo = _uncached(fns)
+    except Exception:  # numba's cache internals moved: leave it to numba
+        return 0
+    if workers < 2 or len(todo) < 2:
+        return 0
+    loads = [[] for _ in range(min(workers, len(todo)))]
+    for fn in sorted(todo, key=_COMPILE_S.get, reverse=True):  # longest first
+        min(loads, key=lambda w: sum(map(_COMPILE_S.get, w))).append(fn)
+    code = "from jaxvelo.core import host_kernels as h; h._compile_cfuncs({!r})"
+    procs = []
+    try:
+        for w in loads:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", code.format([f.__name__ for f in w])],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+    except OSError:  # no usable interpreter to start (embedded Python): compile here
+        pass
+    for proc in procs:
+        proc.wait()  # a failed worker leaves its kernels to this process
+    return len(todo) if procs else 0
 
 
 def register_all() -> None:
+    warm_cache()
     if numpy_exp_log_available():
         for precision, dtype in _NUMPY_TARGETS:
             register_numpy_exp_log(precision, dtype)
