@@ -39,8 +39,9 @@ class Neighbors(NamedTuple):
     summation order). ``idx``/``val`` may be longer than ``ptr[-1]`` (unused padding) and
     rows may be empty (padded cells): the shapes depend only on the padded cell count and
     the padded number of entries, so datasets of similar size share compiled programs.
-    ``order`` lists the rows by ascending degree (the CPU kernel pairs rows of similar
-    length).
+    ``order`` lists the rows as the CPU kernel visits them: empty rows first, then windows
+    of consecutive rows by ascending degree (it pairs adjacent rows of equal degree;
+    :func:`jaxvelo.core.batch.smoothing_order`).
     """
 
     ptr: Array  # (n_obs + 1,) int32

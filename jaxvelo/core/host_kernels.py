@@ -630,7 +630,8 @@ with _slp_vectorized():
 
     @nb.njit(cache=True, nogil=True)
     def _smooth_rows(t, c0, w, order, ptr, idx, val, out):
-        # every row in ``order`` (ascending degree): rows without entries are 0 (scipy's
+        # every row in ``order`` (batch.smoothing_order: empty rows first, then windows of
+        # rows by ascending degree): rows without entries are 0 (scipy's
         # y = 0; padded cells), the others two at a time (an odd last row paired with
         # itself), in the kernel of the copy's width (8 for a last block of 1-8 rows,
         # else 16); a pair is two rows of the same degree, else one row twice
