@@ -90,48 +90,46 @@ def solution(
     f = f32 or {}
     a, b, g = f.get("alpha", False), f.get("beta", False), f.get("gamma", False)
     fu0, fs0 = f.get("u0", False), f.get("s0", False)
-    on = (lambda flag: flag) if f else (lambda flag: None)
-    tt = f.get("t")  # float64 t holding a float32 array upstream (None: t is what it is)
-    if tt is None:
-        # fb(): no fused multiply-add where numpy rounds the product (XLA contracts a*b + c)
-        expu = _exp(-beta * t)
-        exps = _exp(-gamma * t)
-        u = fb(u0 * expu) + fb(_r32(divide(alpha, beta), on(a & b)) * (1 - expu))
-    else:
-        # float32 t (e.g. np.linspace(0, t_) for a float32 t_, utils ~193): each array
-        # operation is float32 where all its operands are (NEP 50), the rest float64 --
-        # rounding the float64 result of + - * is numpy's float32 result (round32)
-        bt, gt = b & tt, g & tt
-        expu = _exp32_where(_r32(-beta * t, bt), bt)
-        exps = _exp32_where(_r32(-gamma * t, gt), gt)
-        u0e = _r32(fb(u0 * expu), fu0 & bt)
-        ab = _r32(divide(alpha, beta), a & b)
-        u = _r32(u0e + fb(_r32(ab * _r32(1 - expu, bt), a & bt)), fu0 & a & bt)
-    gb = on(g & b)
+    # "t": a float64 t holding a float32 array upstream (np.linspace(0, t_) for a float32
+    # t_, utils ~193): each array operation is then float32 where all its operands are
+    # (NEP 50), the rest float64 -- rounding the float64 result of + - * is numpy's float32
+    # result (round32); unflagged, every rounding below is a no-op
+    tt = f.get("t", False)
+    bt, gt = _and(b, tt), _and(g, tt)
+    # fb(): no fused multiply-add where numpy rounds the product (XLA contracts a*b + c)
+    expu = _exp32_where(_r32(-beta * t, bt), bt)
+    exps = _exp32_where(_r32(-gamma * t, gt), gt)
+    u0e = _r32(fb(u0 * expu), _and(fu0, bt))
+    ab = _r32(divide(alpha, beta), _and(a, b))
+    u = _r32(u0e + fb(_r32(ab * _r32(1 - expu, bt), _and(a, bt))), _and(fu0, a, bt))
+    gb = _and(g, b)
     inv = _r32(invert(_r32(gamma - beta, gb)), gb)
-    u0b = _r32(u0 * beta, on(fu0 & b))
-    c = _r32(_r32(alpha - fb(u0b), on(a & fu0 & b)) * inv, on(a & fu0 & g & b))
-    if tt is None:
-        s = (
-            fb(s0 * exps)
-            + fb(_r32(divide(alpha, gamma), on(a & g)) * (1 - exps))
-            + fb(c * (exps - expu))
-        )
-    else:
-        c32 = a & fu0 & g & b
-        s0e = _r32(fb(s0 * exps), fs0 & gt)
-        ag = _r32(divide(alpha, gamma), a & g)
-        s1 = _r32(ag * _r32(1 - exps, gt), a & gt)
-        s = _r32(s0e + fb(s1), fs0 & a & gt)
-        s = _r32(s + fb(_r32(c * _r32(exps - expu, gt & b), c32 & gt & b)),
-                 fs0 & a & gt & c32 & b)  # fmt: skip
+    u0b = _r32(u0 * beta, _and(fu0, b))
+    c32 = _and(a, fu0, g, b)
+    c = _r32(_r32(alpha - fb(u0b), _and(a, fu0, b)) * inv, c32)
+    s0e = _r32(fb(s0 * exps), _and(fs0, gt))
+    s1 = _r32(_r32(divide(alpha, gamma), _and(a, g)) * _r32(1 - exps, gt), _and(a, gt))
+    s = _r32(s0e + fb(s1), _and(fs0, a, gt))
+    s = _r32(s + fb(_r32(c * _r32(exps - expu, _and(gt, b)), _and(c32, gt, b))),
+             _and(fs0, a, gt, c32, b))  # fmt: skip
     return u, s
 
 
+def _and(*flags):
+    """``flags[0] & flags[1] & ...``, staying Python ``False`` (a no-op flag: no rounding
+    traced) when any flag is."""
+    if any(f is False or f is None for f in flags):
+        return False
+    out = flags[0]
+    for f in flags[1:]:
+        out = out & f
+    return out
+
+
 def _exp32_where(x: Array, flag) -> Array:
-    """``np.exp(x)`` where ``x`` (float64) holds a float32 array upstream (``flag``), numpy's
-    float32 kernel; elsewhere its float64 one."""
-    return where_lazy(flag, np_exp32, x, np_exp64(x))
+    """``np.exp(x)``: where ``x`` (float64) holds a float32 array upstream (``flag``), numpy's
+    float32 kernel; elsewhere the kernel of ``x``'s dtype (:func:`_exp`)."""
+    return _exp(x) if flag is False else where_lazy(flag, np_exp32, x, np_exp64(x))
 
 
 def tau_inv(
