@@ -1307,7 +1307,8 @@ def warm_cache(workers: int | None = None) -> int:
 
     if workers is None:
         env = os.environ.get("JAXVELO_NUMBA_WORKERS", "").strip()
-        workers = int(env) if env else len(os.sched_getaffinity(0))
+        affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere all CPUs
+        workers = int(env) if env else len(affinity(0)) if affinity else os.cpu_count() or 1
     fns = [fn for fn in _COMPILE_S  # numpy's exp/log kernels only where numpy has loops
            if not fn.__name__.startswith("_ffi_numpy") or _numpy_loops() is not None]  # fmt: skip
     try:
