@@ -17,6 +17,17 @@ scVelo's columns per gene (bitwise, within 1e-6 relative, worst) into a JSON fil
 
 (a ``cold`` run is the same command with the cache filled, in a new process).
 
+On the GPU machine of this workplace (Python 3.12, jax with CUDA, numba, no anndata, no
+scVelo, no network), what worked (2026-11-27): download the wheels of anndata and its
+missing dependencies for CPython 3.12 here (anndata, array-api-compat, legacy-api-wrap,
+natsort, scverse-misc, zarr, numcodecs, donfig, google-crc32c; ``pip download --no-deps
+--only-binary=:all: --python-version 3.12 ...``) into an ignored ``.whl/``, put the slim
+copies into an ignored folder, carry both, ``pip install --no-deps --target /tmp/site
+.whl/*.whl`` there and run with ``PYTHONPATH=/tmp/site:$PWD`` (a medium and a 50,000-cell
+slim copy, without the medium ``fit_t``, fit the 64 MiB that travels). ``run`` stands in
+for scVelo's two helpers that ``recover_dynamics`` imports where scVelo is missing
+(:func:`_scvelo_shim`).
+
 ``diag`` (either place): how many results of each numerical primitive the fit relies on
 differ from numpy's on this backend (1e6 values each), with and without the fit program's
 compiler options -- what located the GPU's differences in docs/benchmarks.md ("GPU")::
