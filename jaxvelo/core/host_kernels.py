@@ -1296,8 +1296,10 @@ def warm_cache(workers: int | None = None) -> int:
     at once (default: the CPUs this process may run on), longest first.
 
     From scratch the 13 kernels take ~40 s of numba compilation in one process (once per
-    installed version and CPU; afterwards they load in ~0.5 s); split over two processes
-    about half. Processes rather than threads: numba compiles under a global lock. Each
+    installed version and CPU; afterwards they load in ~0.5 s); over two processes ~32 s on
+    a 2-vCPU VM (each worker starts numba and compiles the shared callees again), bounded
+    by the float64 ``adjust_increments`` (~14 s) with more CPUs. Processes rather than
+    threads: numba compiles under a global lock. Each
     worker is a fresh interpreter (``python -c``, not ``multiprocessing``, which would
     re-import the caller's ``__main__``). Returns the number of kernels compiled; 0 where
     the cache is complete, with ``JAXVELO_NUMBA_WORKERS=1``, or when the cache location
