@@ -619,3 +619,24 @@ def test_warm_cache_compiles_every_kernel_in_parallel(tmp_path):
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_smoothing_order_keeps_windows_of_rows():
+    """The smoothing kernel's row order: empty rows first, then windows of consecutive rows,
+    each by ascending degree -- not one global sort by degree, which made the kernel sweep
+    the whole cell axis once per distinct degree (2.4x slower smoothing at 50,000 cells)."""
+    rng = np.random.default_rng(0)
+    deg = rng.integers(30, 90, 10_000)
+    deg[rng.random(10_000) < 0.05] = 0  # empty rows (padded cells)
+    order = smoothing_order(deg, window=1024)
+    assert sorted(order.tolist()) == list(range(10_000))
+    n_empty = int((deg == 0).sum())
+    assert np.all(deg[order[:n_empty]] == 0) and np.all(deg[order[n_empty:]] > 0)
+    rest = order[n_empty:]
+    windows = rest // 1024
+    assert np.all(np.diff(windows) >= 0)  # window by window, in order
+    for w in np.unique(windows):
+        d = deg[rest[windows == w]]
+        assert np.all(np.diff(d) >= 0)  # ascending degree within the window
+    # one window (the pancreas): the global stable sort by degree of 0fa60b4
+    assert np.array_equal(smoothing_order(deg, window=10_000), np.argsort(deg, kind="stable"))
