@@ -85,15 +85,15 @@ def solution(
     ``f32`` optionally marks scalar arguments that are numpy float32 upstream (keys
     ``alpha, beta, gamma, u0, s0``): the scalar-only sub-expressions (``alpha / beta``,
     ``alpha / gamma``, ``gamma - beta``, ``c``) are then rounded to float32 as NumPy 2
-    computes them before they meet the float64 time array.
+    computes them before they meet the float64 time array. Key ``t`` (per gene): the
+    float64 ``t`` holds a numpy float32 array upstream (``np.linspace(0, t_)`` for a float32
+    ``t_``, utils ~193), so each array operation whose operands are all float32
+    (``-gamma * t``, its ``exp``, ``1 - exps``, ...) is float32 too (NEP 50) -- emulated by
+    rounding the float64 result (round32). Unflagged, every rounding below is a no-op.
     """
     f = f32 or {}
     a, b, g = f.get("alpha", False), f.get("beta", False), f.get("gamma", False)
     fu0, fs0 = f.get("u0", False), f.get("s0", False)
-    # "t": a float64 t holding a float32 array upstream (np.linspace(0, t_) for a float32
-    # t_, utils ~193): each array operation is then float32 where all its operands are
-    # (NEP 50), the rest float64 -- rounding the float64 result of + - * is numpy's float32
-    # result (round32); unflagged, every rounding below is a no-op
     tt = f.get("t", False)
     bt, gt = _and(b, tt), _and(g, tt)
     # fb(): no fused multiply-add where numpy rounds the product (XLA contracts a*b + c)
