@@ -31,7 +31,7 @@ _PROJ_CHUNK = 8  # genes per pass of the lazily run projection (see _switched)
 
 
 class Neighbors(NamedTuple):
-    """Row-normalised kNN connectivities as CSR, with the rows in degree order.
+    """Row-normalised kNN connectivities as CSR.
 
     ``scvelo.preprocessing.neighbors.get_connectivities`` as CSR
     (:func:`jaxvelo.core.batch.neighbors_from_csr`): row ``i`` has entries ``val[k]`` at
@@ -39,15 +39,11 @@ class Neighbors(NamedTuple):
     summation order). ``idx``/``val`` may be longer than ``ptr[-1]`` (unused padding) and
     rows may be empty (padded cells): the shapes depend only on the padded cell count and
     the padded number of entries, so datasets of similar size share compiled programs.
-    ``order`` lists the rows as the CPU kernel visits them: empty rows first, then windows
-    of consecutive rows by ascending degree (it pairs adjacent rows of equal degree;
-    :func:`jaxvelo.core.batch.smoothing_order`).
     """
 
     ptr: Array  # (n_obs + 1,) int32
     idx: Array  # (nnz,) int32
     val: Array  # (nnz,) float32, as upstream casts the connectivities
-    order: Array  # (n_obs,) int32
 
 
 @jax.jit  # traced once per shape (each program smooths at several sites)
@@ -83,8 +79,8 @@ def _smooth_host(nbrs: Neighbors, parts: list[Array]) -> Array:
     """``connectivities.dot(x.T).T`` for ``x`` the rows of ``parts`` (R arrays of shape
     (G, n_obs)) interleaved gene-major -- row ``g * R + k`` is row ``g`` of part ``k`` --
     as the numba custom call of :mod:`.host_kernels` (CPU): per block of 16 rows, a
-    cells-first copy and scipy's row loop over the CSR neighbour lists (rows of equal
-    degree in pairs), with the 16 sums in vector registers -- no transposes or gathers in
+    cells-first copy and scipy's row loop over the CSR neighbour lists (adjacent rows in
+    pairs), with the 16 sums in vector registers -- no transposes or gathers in
     the program; the degree-bucketed XLA loop it replaced was ~3-4x slower on XLA:CPU.
     Bitwise the same values as :func:`_smooth_cells_first`.
 
@@ -94,8 +90,7 @@ def _smooth_host(nbrs: Neighbors, parts: list[Array]) -> Array:
 
     g, n = parts[0].shape
     name = host_kernels.register_smooth(parts[0].dtype)
-    ops = [nbrs.order.astype(jnp.int32), nbrs.ptr.astype(jnp.int32),
-           nbrs.idx.astype(jnp.int32), nbrs.val]  # fmt: skip
+    ops = [nbrs.ptr.astype(jnp.int32), nbrs.idx.astype(jnp.int32), nbrs.val]
     out = jax.ShapeDtypeStruct((g * len(parts), n), parts[0].dtype)
     return jax.ffi.ffi_call(name, out)(*parts, *ops)
 

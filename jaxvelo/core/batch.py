@@ -390,7 +390,7 @@ def neighbors_from_csr(
 
     ``n_cells``: rows in all (the padded cell count; the extra rows are empty);
     ``n_entries``: length of ``idx``/``val`` (at least the number of entries; the rest is
-    unused padding). ``order``: :func:`smoothing_order`.
+    unused padding).
     """
     indptr = np.asarray(indptr, dtype=np.int64)
     n = len(indptr) - 1
@@ -410,30 +410,7 @@ def neighbors_from_csr(
     idx[:nnz] = np.asarray(indices)[:nnz]
     val = np.zeros(n_entries, dtype=np.asarray(data).dtype)
     val[:nnz] = np.asarray(data)[:nnz]
-    return Neighbors(ptr=ptr, idx=idx, val=val, order=smoothing_order(np.diff(ptr)))
-
-
-# Rows per window of the smoothing order: the rows a window's neighbours gather stay in a
-# core's L2 (4096 rows x 16 float64 = 512 KiB of the kernel's cells-first copy, plus the
-# neighbours just outside) where the cells' order has locality.
-ORDER_WINDOW = 4096
-
-
-def smoothing_order(deg: np.ndarray, window: int = ORDER_WINDOW) -> np.ndarray:
-    """The order in which the CPU smoothing kernel visits the rows: the empty rows first
-    (padded cells; the kernel writes their zeros), then windows of ``window`` consecutive
-    rows, each by ascending degree (stably), so that rows of equal degree -- which the
-    kernel smooths two at a time -- are adjacent.
-
-    One global sort by degree (0fa60b4) made the kernel sweep the whole cell axis once per
-    distinct degree (129 sweeps over 6.4 MB at 50,000 simulated cells, whose neighbours are
-    a median 961 rows apart): the smoothing took 2.4x as long as with the per-graph degree
-    buckets before it. Within windows the gathered rows stay cached; rows left without a
-    partner of their degree in their window (1.3% at 50,000 cells, 1.4% of the pancreas,
-    which fits one window) are smoothed alone. The order does not change any row's sum."""
-    deg = np.asarray(deg)
-    rows = np.arange(len(deg))
-    return np.lexsort((rows, deg, rows // max(int(window), 1), deg > 0)).astype(np.int32)
+    return Neighbors(ptr=ptr, idx=idx, val=val)
 
 
 def pad_neighbors(nbrs: Neighbors, n_cells: int, n_entries: int) -> Neighbors:
