@@ -46,10 +46,11 @@ def clipped_log(
     """``log(clip(x, lb + eps, ub - eps))`` (``scvelo.core._arithmetic.clipped_log``).
 
     ``f32`` (float64 ``x`` only): where set, ``x`` is a numpy float32 array upstream, so the
-    Python-float bounds become float32 and numpy's float32 log applies.
+    Python-float bounds become float32 and numpy's float32 log applies (None or Python
+    ``False``: nowhere).
     """
     y = _log(jnp.clip(x, lb + eps, ub - eps))
-    if f32 is None or jnp.asarray(x).dtype != jnp.float64:
+    if f32 is None or f32 is False or jnp.asarray(x).dtype != jnp.float64:
         return y
     lo, hi = float(np.float32(lb + eps)), float(np.float32(ub - eps))
     return where_lazy(f32, lambda v: np_log32(jnp.clip(v, lo, hi)), x, y)
@@ -158,29 +159,29 @@ def tau_inv(
     fu0, fs0 = f.get("u0", False), f.get("s0", False)
     # the arrays u and s themselves are float32 upstream (float32 u / float32 scaling)
     u32, s32 = f.get("u32", False), f.get("s32", False)
-    on = (lambda flag: flag) if f else (lambda flag: None)
-    uinf = _r32(divide(alpha, beta), on(a & b))
-    q32 = u32 & a & b & fu0  # every operand of (u - uinf) / (u0 - uinf) is float32
-    num_u = _r32(u - uinf, on(u32 & a & b))
-    q = _r32(true_divide(num_u, _r32(u0 - uinf, on(fu0 & a & b))), on(q32))
+    uinf = _r32(divide(alpha, beta), _and(a, b))
+    q32 = _and(u32, a, b, fu0)  # every operand of (u - uinf) / (u0 - uinf) is float32
+    num_u = _r32(u - uinf, _and(u32, a, b))
+    q = _r32(true_divide(num_u, _r32(u0 - uinf, _and(fu0, a, b))), q32)
     if s is None or gamma is None:
-        return _r32(_r32(divide(-1, beta), on(b)) * clipped_log(q, f32=on(q32)), on(q32 & b))
-    gb, ag, abg = g & b, a & g, a & b & g
-    beta_ = _r32(beta * _r32(invert(_r32(gamma - beta, on(gb))), on(gb)), on(gb))
-    prod = fb(_r32(beta_ * _r32(divide(alpha, beta), on(a & b)), on(abg)))
-    xinf = _r32(_r32(divide(alpha, gamma), on(ag)) - prod, on(abg))
-    prod0 = fb(_r32(beta_ * u0, on(gb & fu0)))
-    den = _r32(_r32(s0 - prod0, on(gb & fu0 & fs0)) - xinf, on(abg & fu0 & fs0))
-    n32 = s32 & u32 & gb
-    num = _r32(_r32(s - fb(_r32(beta_ * u, on(u32 & gb))), on(n32)) - xinf, on(n32 & abg))
-    d32 = n32 & abg & fu0 & fs0
-    q_us = _r32(true_divide(num, den), on(d32))
+        return _r32(_r32(divide(-1, beta), b) * clipped_log(q, f32=q32), _and(q32, b))
+    gb, ag, abg = _and(g, b), _and(a, g), _and(a, b, g)
+    beta_ = _r32(beta * _r32(invert(_r32(gamma - beta, gb)), gb), gb)
+    prod = fb(_r32(beta_ * _r32(divide(alpha, beta), _and(a, b)), abg))
+    xinf = _r32(_r32(divide(alpha, gamma), ag) - prod, abg)
+    prod0 = fb(_r32(beta_ * u0, _and(gb, fu0)))
+    den = _r32(_r32(s0 - prod0, _and(gb, fu0, fs0)) - xinf, _and(abg, fu0, fs0))
+    n32 = _and(s32, u32, gb)
+    num = _r32(_r32(s - fb(_r32(beta_ * u, _and(u32, gb))), n32) - xinf, _and(n32, abg))
+    d32 = _and(n32, abg, fu0, fs0)
+    q_us = _r32(true_divide(num, den), d32)
     # One log per cell: the branch is per gene, so log(where(c, q, q_us)) is the selected
     # branch's log bit for bit (both share clipped_log's bounds), at half the cost.
     use_u = gamma >= beta
-    log = clipped_log(jnp.where(use_u, q, q_us), f32=on(jnp.where(use_u, q32, d32)))
-    tau_u = _r32(_r32(divide(-1, beta), on(b)) * log, on(q32 & b))
-    tau_us = _r32(_r32(divide(-1, gamma), on(g)) * log, on(d32 & g))
+    log32 = False if q32 is False and d32 is False else jnp.where(use_u, q32, d32)
+    log = clipped_log(jnp.where(use_u, q, q_us), f32=log32)
+    tau_u = _r32(_r32(divide(-1, beta), b) * log, _and(q32, b))
+    tau_us = _r32(_r32(divide(-1, gamma), g) * log, _and(d32, g))
     return jnp.where(use_u, tau_u, tau_us)
 
 
