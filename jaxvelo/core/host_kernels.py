@@ -534,6 +534,45 @@ def _slp_vectorized():
 
 
 with _slp_vectorized():
+    # One term more of W sums at once: W separate products and additions (no contraction,
+    # no reassociation), which the SLP vectorizer packs into vector registers; inlined, so
+    # a kernel's sums stay in registers across its loop.
+    @nb.njit(cache=True, nogil=True, inline="always")
+    def _scale16(a, x):  # (a * x[0], ..., a * x[15])
+        # fmt: off
+        return (
+            a * x[0], a * x[1], a * x[2], a * x[3], a * x[4], a * x[5], a * x[6], a * x[7],
+            a * x[8], a * x[9], a * x[10], a * x[11], a * x[12], a * x[13], a * x[14], a * x[15],
+        )
+        # fmt: on
+
+    @nb.njit(cache=True, nogil=True, inline="always")
+    def _madd16(s, a, x):  # (s[0] + a * x[0], ..., s[15] + a * x[15])
+        # fmt: off
+        return (
+            s[0] + a * x[0], s[1] + a * x[1], s[2] + a * x[2], s[3] + a * x[3], s[4] + a * x[4],
+            s[5] + a * x[5], s[6] + a * x[6], s[7] + a * x[7], s[8] + a * x[8], s[9] + a * x[9],
+            s[10] + a * x[10], s[11] + a * x[11], s[12] + a * x[12], s[13] + a * x[13],
+            s[14] + a * x[14], s[15] + a * x[15],
+        )
+        # fmt: on
+
+    @nb.njit(cache=True, nogil=True, inline="always")
+    def _scale8(a, x):  # _scale16 for 8 sums
+        # fmt: off
+        return (
+            a * x[0], a * x[1], a * x[2], a * x[3], a * x[4], a * x[5], a * x[6], a * x[7],
+        )
+        # fmt: on
+
+    @nb.njit(cache=True, nogil=True, inline="always")
+    def _madd8(s, a, x):  # _madd16 for 8 sums
+        # fmt: off
+        return (
+            s[0] + a * x[0], s[1] + a * x[1], s[2] + a * x[2], s[3] + a * x[3], s[4] + a * x[4],
+            s[5] + a * x[5], s[6] + a * x[6], s[7] + a * x[7],
+        )
+        # fmt: on
 
     @nb.njit(cache=True, nogil=True)
     def _smooth_pair(t, c0, w, ptr, idx, val, out, i, j):
@@ -553,53 +592,15 @@ with _slp_vectorized():
         va, ia = val[ptr[i] : ptr[i + 1]], idx[ptr[i] : ptr[i + 1]]
         vb, ib = val[ptr[j] : ptr[j + 1]], idx[ptr[j] : ptr[j + 1]]
         m = vb.shape[0]  # <= va.shape[0]
-        a, b = va[0], vb[0]
-        x, y = t[ia[0]], t[ib[0]]
-        # fmt: off
-        s0, s1, s2, s3 = a * x[0], a * x[1], a * x[2], a * x[3]
-        s4, s5, s6, s7 = a * x[4], a * x[5], a * x[6], a * x[7]
-        s8, s9, s10, s11 = a * x[8], a * x[9], a * x[10], a * x[11]
-        s12, s13, s14, s15 = a * x[12], a * x[13], a * x[14], a * x[15]
-        q0, q1, q2, q3 = b * y[0], b * y[1], b * y[2], b * y[3]
-        q4, q5, q6, q7 = b * y[4], b * y[5], b * y[6], b * y[7]
-        q8, q9, q10, q11 = b * y[8], b * y[9], b * y[10], b * y[11]
-        q12, q13, q14, q15 = b * y[12], b * y[13], b * y[14], b * y[15]
+        s, q = _scale16(va[0], t[ia[0]]), _scale16(vb[0], t[ib[0]])
         for k in range(1, m):
-            a, b = va[k], vb[k]
-            x, y = t[ia[k]], t[ib[k]]
-            s0, s1 = s0 + a * x[0], s1 + a * x[1]
-            s2, s3 = s2 + a * x[2], s3 + a * x[3]
-            s4, s5 = s4 + a * x[4], s5 + a * x[5]
-            s6, s7 = s6 + a * x[6], s7 + a * x[7]
-            s8, s9 = s8 + a * x[8], s9 + a * x[9]
-            s10, s11 = s10 + a * x[10], s11 + a * x[11]
-            s12, s13 = s12 + a * x[12], s13 + a * x[13]
-            s14, s15 = s14 + a * x[14], s15 + a * x[15]
-            q0, q1 = q0 + b * y[0], q1 + b * y[1]
-            q2, q3 = q2 + b * y[2], q3 + b * y[3]
-            q4, q5 = q4 + b * y[4], q5 + b * y[5]
-            q6, q7 = q6 + b * y[6], q7 + b * y[7]
-            q8, q9 = q8 + b * y[8], q9 + b * y[9]
-            q10, q11 = q10 + b * y[10], q11 + b * y[11]
-            q12, q13 = q12 + b * y[12], q13 + b * y[13]
-            q14, q15 = q14 + b * y[14], q15 + b * y[15]
+            s = _madd16(s, va[k], t[ia[k]])
+            q = _madd16(q, vb[k], t[ib[k]])
         for k in range(m, va.shape[0]):
-            a = va[k]
-            x = t[ia[k]]
-            s0, s1 = s0 + a * x[0], s1 + a * x[1]
-            s2, s3 = s2 + a * x[2], s3 + a * x[3]
-            s4, s5 = s4 + a * x[4], s5 + a * x[5]
-            s6, s7 = s6 + a * x[6], s7 + a * x[7]
-            s8, s9 = s8 + a * x[8], s9 + a * x[9]
-            s10, s11 = s10 + a * x[10], s11 + a * x[11]
-            s12, s13 = s12 + a * x[12], s13 + a * x[13]
-            s14, s15 = s14 + a * x[14], s15 + a * x[15]
-        acc = (s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15)
-        acq = (q0, q1, q2, q3, q4, q5, q6, q7, q8, q9, q10, q11, q12, q13, q14, q15)
-        # fmt: on
+            s = _madd16(s, va[k], t[ia[k]])
         for c in range(w):
-            out[c0 + c, i] = acc[c]
-            out[c0 + c, j] = acq[c]
+            out[c0 + c, i] = s[c]
+            out[c0 + c, j] = q[c]
 
     @nb.njit(cache=True, nogil=True)
     def _smooth_pair8(t, c0, w, ptr, idx, val, out, i, j):
@@ -608,45 +609,21 @@ with _slp_vectorized():
         # a tail of 1-8 rows cost a full 16-wide pass (e.g. 20 rows, 2 parts x 10 genes,
         # as 16 + 4); here it gathers one line per neighbour instead of two (per smoothed
         # row this kernel costs ~1.5x the 16-wide one at 3696 cells, measured alone: a
-        # full block stays 16 wide). Same sums in the same order. A separate copy of the
-        # 16-wide code because each width needs its own fixed set of accumulators, which
-        # the SLP vectorizer packs into registers.
+        # full block stays 16 wide). Same sums in the same order, on 8 accumulators.
         if ptr[i + 1] - ptr[i] < ptr[j + 1] - ptr[j]:
             i, j = j, i  # i the longer row
         va, ia = val[ptr[i] : ptr[i + 1]], idx[ptr[i] : ptr[i + 1]]
         vb, ib = val[ptr[j] : ptr[j + 1]], idx[ptr[j] : ptr[j + 1]]
         m = vb.shape[0]  # <= va.shape[0]
-        a, b = va[0], vb[0]
-        x, y = t[ia[0]], t[ib[0]]
-        # fmt: off
-        s0, s1, s2, s3 = a * x[0], a * x[1], a * x[2], a * x[3]
-        s4, s5, s6, s7 = a * x[4], a * x[5], a * x[6], a * x[7]
-        q0, q1, q2, q3 = b * y[0], b * y[1], b * y[2], b * y[3]
-        q4, q5, q6, q7 = b * y[4], b * y[5], b * y[6], b * y[7]
+        s, q = _scale8(va[0], t[ia[0]]), _scale8(vb[0], t[ib[0]])
         for k in range(1, m):
-            a, b = va[k], vb[k]
-            x, y = t[ia[k]], t[ib[k]]
-            s0, s1 = s0 + a * x[0], s1 + a * x[1]
-            s2, s3 = s2 + a * x[2], s3 + a * x[3]
-            s4, s5 = s4 + a * x[4], s5 + a * x[5]
-            s6, s7 = s6 + a * x[6], s7 + a * x[7]
-            q0, q1 = q0 + b * y[0], q1 + b * y[1]
-            q2, q3 = q2 + b * y[2], q3 + b * y[3]
-            q4, q5 = q4 + b * y[4], q5 + b * y[5]
-            q6, q7 = q6 + b * y[6], q7 + b * y[7]
+            s = _madd8(s, va[k], t[ia[k]])
+            q = _madd8(q, vb[k], t[ib[k]])
         for k in range(m, va.shape[0]):
-            a = va[k]
-            x = t[ia[k]]
-            s0, s1 = s0 + a * x[0], s1 + a * x[1]
-            s2, s3 = s2 + a * x[2], s3 + a * x[3]
-            s4, s5 = s4 + a * x[4], s5 + a * x[5]
-            s6, s7 = s6 + a * x[6], s7 + a * x[7]
-        acc = (s0, s1, s2, s3, s4, s5, s6, s7)
-        acq = (q0, q1, q2, q3, q4, q5, q6, q7)
-        # fmt: on
+            s = _madd8(s, va[k], t[ia[k]])
         for c in range(w):
-            out[c0 + c, i] = acc[c]
-            out[c0 + c, j] = acq[c]
+            out[c0 + c, i] = s[c]
+            out[c0 + c, j] = q[c]
 
     @nb.njit(cache=True, nogil=True)
     def _smooth_rows(t, c0, w, ptr, idx, val, out):
