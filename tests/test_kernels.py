@@ -463,14 +463,14 @@ def _emptied_rows(conn, frac: float, seed: int) -> sparse.csr_matrix:
 @example(seed=3, n=57, genes=10, parts=2, f32=False, pad=0, holes=0.0)  # 16 + a 4-wide tail
 @example(seed=4, n=90, genes=9, parts=4, f32=True, pad=5, holes=0.1)  # 32 + a 4-wide tail
 @example(seed=5, n=33, genes=13, parts=1, f32=False, pad=1, holes=0.5)  # 16 wide, not 8
+@example(seed=6, n=40, genes=4, parts=2, f32=True, pad=2, holes=0.1)  # exactly 8 wide
 def test_smooth_host_kernel_matches_scipy_and_xla(seed, n, genes, parts, f32, pad, holes):
     """The CPU custom call (16-column blocks, any remainder -- a last block of 1-8 columns
-    in the 8-wide kernel, of 9-15 in the 16-wide one; rows with entries in pairs of
-    adjacent such rows of any degrees, an odd last one paired with itself, empty rows
-    zero; the rows read from ``parts`` separate operands, interleaved gene-major) and the
-    XLA loop give scipy's ``conn.dot(x.T).T`` bitwise, in float32 (float32 x) and float64,
-    with ``pad`` empty rows (padded cells), a fraction ``holes`` of rows emptied between
-    rows with entries, and unused entries."""
+    in the 8-wide kernel, of 9-15 in the 16-wide one, whose sums go through a scratch
+    block; empty rows zero; the rows read from ``parts`` separate operands, interleaved
+    gene-major) and the XLA loop give scipy's ``conn.dot(x.T).T`` bitwise, in float32
+    (float32 x) and float64, with ``pad`` empty rows (padded cells), a fraction ``holes``
+    of rows emptied between rows with entries, and unused entries."""
     import numba
 
     conn = _padded_csr(_emptied_rows(_ragged_conn(n, seed), holes, seed), pad)

@@ -533,19 +533,15 @@ def _slp_vectorized():
         nb.config.SLP_VECTORIZE = old
 
 
+def _madd(s, a, x):
+    """``(s[0] + a * x[0], ...)`` for the 16 or 8 sums of a smoothing block (numba only)."""
+    raise NotImplementedError("compiled by numba only (see _madd_impl)")
+
+
 with _slp_vectorized():
     # One term more of W sums at once: W separate products and additions (no contraction,
     # no reassociation), which the SLP vectorizer packs into vector registers; inlined, so
     # a kernel's sums stay in registers across its loop.
-    @nb.njit(cache=True, nogil=True, inline="always")
-    def _scale16(a, x):  # (a * x[0], ..., a * x[15])
-        # fmt: off
-        return (
-            a * x[0], a * x[1], a * x[2], a * x[3], a * x[4], a * x[5], a * x[6], a * x[7],
-            a * x[8], a * x[9], a * x[10], a * x[11], a * x[12], a * x[13], a * x[14], a * x[15],
-        )
-        # fmt: on
-
     @nb.njit(cache=True, nogil=True, inline="always")
     def _madd16(s, a, x):  # (s[0] + a * x[0], ..., s[15] + a * x[15])
         # fmt: off
@@ -558,14 +554,6 @@ with _slp_vectorized():
         # fmt: on
 
     @nb.njit(cache=True, nogil=True, inline="always")
-    def _scale8(a, x):  # _scale16 for 8 sums
-        # fmt: off
-        return (
-            a * x[0], a * x[1], a * x[2], a * x[3], a * x[4], a * x[5], a * x[6], a * x[7],
-        )
-        # fmt: on
-
-    @nb.njit(cache=True, nogil=True, inline="always")
     def _madd8(s, a, x):  # _madd16 for 8 sums
         # fmt: off
         return (
@@ -574,87 +562,33 @@ with _slp_vectorized():
         )
         # fmt: on
 
-    @nb.njit(cache=True, nogil=True)
-    def _smooth_pair(t, c0, w, ptr, idx, val, out, i, j):
-        # scipy's csr_matvecs (sparsetools/csr.h) for rows i and j (degree >= 1 each) and
-        # the columns c0..c0+w of ``out`` (rows x cells): y = 0; y += a * x over a row's
-        # entries in storage order, in the upcast dtype of (float32 data, x) -- here t's
-        # dtype, since val is float32. t holds those columns cells-first (cells x 16). The
-        # first term is stored instead of added to 0 (the terms are never -0: see
-        # assign._smooth_cells_first). Two rows give two independent chains of additions,
-        # which hide the adds' latency: both rows' first m terms (m the shorter row's
-        # degree) in one loop, then the longer row's rest alone; each row's sum keeps its
-        # own order. Rows i and j are adjacent rows of the cell axis (_smooth_rows).
-        if ptr[i + 1] - ptr[i] < ptr[j + 1] - ptr[j]:
-            i, j = j, i  # i the longer row
-        # row slices: indices from the range loops below are known non-negative (no
-        # wraparound test per access, as with an offset added to a loaded ptr)
-        va, ia = val[ptr[i] : ptr[i + 1]], idx[ptr[i] : ptr[i + 1]]
-        vb, ib = val[ptr[j] : ptr[j + 1]], idx[ptr[j] : ptr[j + 1]]
-        m = vb.shape[0]  # <= va.shape[0]
-        s, q = _scale16(va[0], t[ia[0]]), _scale16(vb[0], t[ib[0]])
-        for k in range(1, m):
-            s = _madd16(s, va[k], t[ia[k]])
-            q = _madd16(q, vb[k], t[ib[k]])
-        for k in range(m, va.shape[0]):
-            s = _madd16(s, va[k], t[ia[k]])
-        for c in range(w):
-            out[c0 + c, i] = s[c]
-            out[c0 + c, j] = q[c]
+    @overload(_madd, inline="always")
+    def _madd_impl(s, a, x):
+        # the width is the sums tuple's length, known when the caller is compiled
+        return {16: _madd16.py_func, 8: _madd8.py_func}[s.count]
 
     @nb.njit(cache=True, nogil=True)
-    def _smooth_pair8(t, c0, w, ptr, idx, val, out, i, j):
-        # _smooth_pair for a last block of at most 8 columns, t (cells x 8). The kernels
-        # gather whole copied rows and their cost goes with the cache lines gathered, so
-        # a tail of 1-8 rows cost a full 16-wide pass (e.g. 20 rows, 2 parts x 10 genes,
-        # as 16 + 4); here it gathers one line per neighbour instead of two (per smoothed
-        # row this kernel costs ~1.5x the 16-wide one at 3696 cells, measured alone: a
-        # full block stays 16 wide). Same sums in the same order, on 8 accumulators.
-        if ptr[i + 1] - ptr[i] < ptr[j + 1] - ptr[j]:
-            i, j = j, i  # i the longer row
-        va, ia = val[ptr[i] : ptr[i + 1]], idx[ptr[i] : ptr[i + 1]]
-        vb, ib = val[ptr[j] : ptr[j + 1]], idx[ptr[j] : ptr[j + 1]]
-        m = vb.shape[0]  # <= va.shape[0]
-        s, q = _scale8(va[0], t[ia[0]]), _scale8(vb[0], t[ib[0]])
-        for k in range(1, m):
-            s = _madd8(s, va[k], t[ia[k]])
-            q = _madd8(q, vb[k], t[ib[k]])
-        for k in range(m, va.shape[0]):
-            s = _madd8(s, va[k], t[ia[k]])
-        for c in range(w):
-            out[c0 + c, i] = s[c]
-            out[c0 + c, j] = q[c]
-
-    @nb.njit(cache=True, nogil=True)
-    def _smooth_rows(t, c0, w, ptr, idx, val, out):
-        # every row, in the cells' order: rows without entries are 0 (scipy's y = 0;
-        # padded cells), the others two at a time, each with the next row that has entries
-        # (an odd last one paired with itself), in the kernel of the copy's width (8 for a
-        # last block of 1-8 rows, else 16). The cells' own order keeps the gathers local
-        # where the data has locality (neighbours of adjacent cells overlap: cells sorted
-        # by cluster or time) -- visiting the rows by ascending degree within windows of
-        # 4096, to pair rows of the same degree only, made the kernel 1.9x slower at
-        # 50,000 simulated cells and 1.1x at the (shuffled) pancreas, measured alone.
-        n = ptr.shape[0] - 1
-        narrow = t.shape[1] == 8
-        p = -1  # a row with entries waiting for its partner
-        for i in range(n):
-            if ptr[i + 1] == ptr[i]:
-                for c in range(w):
-                    out[c0 + c, i] = 0
-            elif p < 0:
-                p = i
-            else:
-                if narrow:
-                    _smooth_pair8(t, c0, w, ptr, idx, val, out, p, i)
-                else:
-                    _smooth_pair(t, c0, w, ptr, idx, val, out, p, i)
-                p = -1
-        if p >= 0:
-            if narrow:
-                _smooth_pair8(t, c0, w, ptr, idx, val, out, p, p)
-            else:
-                _smooth_pair(t, c0, w, ptr, idx, val, out, p, p)
+    def _smooth_rows(t, ptr, idx, val, out, zero):
+        # scipy's csr_matvecs (sparsetools/csr.h) for every row and W = len(zero) columns:
+        # y = 0; y += a * x over a row's entries in storage order, in the upcast dtype of
+        # (float32 data, x) -- here t's dtype, since val is float32. t holds the columns
+        # cells-first (cells x W), out takes the sums (W x cells). W is 16, or 8 for a last
+        # block of 1-8 columns: the kernel's cost goes with the cache lines it gathers, and
+        # a 16-wide copy read two per neighbour for any remainder. One row at a time, in the
+        # cells' order: the out-of-order core overlaps a row's loads and products with the
+        # previous row's additions by itself. Measured alone (AMD EPYC VM, 16 columns, in
+        # one process; the same kernel's time varied up to 1.4x between processes): as
+        # fast as two rows in one loop (two chains of additions, 4b705bb) on the pancreas
+        # graph (1.85-2.8 against 1.9-2.7 ns per entry), faster at 50,000 cells (5.7
+        # against 6.1); four rows in one loop were slower at both sizes. A store loop over
+        # a runtime width (w <= W columns) instead of out's W rows cost ~12%; reordering
+        # the rows lost the locality of adjacent cells' neighbours (docs/design.md).
+        for i in range(ptr.shape[0] - 1):
+            s = zero
+            for k in range(ptr[i], ptr[i + 1]):
+                s = _madd(s, val[k], t[idx[k]])
+            for c in range(len(zero)):
+                out[c, i] = s[c]
 
     @nb.njit(cache=True, nogil=True)
     def _aligned_rows(buf, n, width):
@@ -684,16 +618,25 @@ with _slp_vectorized():
             val = _ffi_vector(f[9], R + 2, np.float32(0))
             room = _SMOOTH_ALIGN // out.itemsize  # elements, for the shift to the boundary
             buf = np.zeros(n * _SMOOTH_BLOCK + room, out.dtype)
+            # the sums of a last, partial block (the kernel writes all of its W rows)
+            tail = np.empty((_SMOOTH_BLOCK if C % _SMOOTH_BLOCK else 0, n), out.dtype)
+            z8 = (like, like, like, like, like, like, like, like)  # y = 0 in like's dtype
             for c0 in range(0, C, _SMOOTH_BLOCK):
                 w = min(_SMOOTH_BLOCK, C - c0)
-                # a last block of 1-8 rows: an 8-wide copy (and kernel, see _smooth_pair8)
-                t = _aligned_rows(buf, n, 8 if w <= 8 else _SMOOTH_BLOCK)
+                W = 8 if w <= 8 else _SMOOTH_BLOCK  # a last block of 1-8 rows: 8 wide
+                t = _aligned_rows(buf, n, W)
                 for b in range(w):
                     x = _ffi_array(f[9], (c0 + b) % R, like)
                     g = (c0 + b) // R
                     for j in range(n):
                         t[j, b] = x[g, j]
-                _smooth_rows(t, c0, w, ptr, idx, val, out)
+                o = out[c0 : c0 + W] if w == W else tail[:W]
+                if W == 8:
+                    _smooth_rows(t, ptr, idx, val, o, z8)
+                else:
+                    _smooth_rows(t, ptr, idx, val, o, z8 + z8)
+                if w < W:
+                    out[c0 : c0 + w] = tail[:w]
         return _ptr(0)
 
     def _ffi_smooth_f64(frame):  # a cfunc: _cfunc
