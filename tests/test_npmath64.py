@@ -141,3 +141,43 @@ def test_solution_float32_operands(rates32, t32, branch):
             alpha, beta, gamma, u0, s0)), f32=f32)  # fmt: skip
         assert_bitwise(ju, np.asarray(ru, np.float64))
         assert_bitwise(js, np.asarray(rs, np.float64))
+
+
+def test_verification_is_recorded_per_build(monkeypatch, tmp_path):
+    """The run-time check of numpy's loops runs once per numpy build, CPU and kernel: a pass
+    leaves a stamp in the cache folder that later processes read instead of checking; no
+    cache folder, no stamp (checked every time); a failed check records nothing."""
+    monkeypatch.setenv("JAXVELO_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def check(ok):
+        def run():
+            calls.append(ok)
+            return ok
+
+        return run
+
+    host_kernels._numpy_verified.cache_clear()
+    try:
+        monkeypatch.setattr(host_kernels, "_numpy_check", check(True))
+        assert host_kernels._numpy_verified() and calls == [True]
+        stamp = host_kernels._verified_stamp()
+        assert stamp.startswith(str(tmp_path)) and sorted(p.name for p in tmp_path.iterdir()) == [
+            stamp.rsplit("/", 1)[1]
+        ]
+        host_kernels._numpy_verified.cache_clear()
+        monkeypatch.setattr(host_kernels, "_numpy_check", check(False))
+        assert host_kernels._numpy_verified() and calls == [True]  # the stamp, not a check
+        # another numpy build (here: its version) is another stamp, checked again
+        monkeypatch.setattr(np, "__version__", np.__version__ + "+other")
+        assert host_kernels._verified_stamp() != stamp
+        host_kernels._numpy_verified.cache_clear()
+        assert not host_kernels._numpy_verified() and calls == [True, False]
+        assert len(list(tmp_path.iterdir())) == 1  # a failure is not recorded
+        monkeypatch.setenv("JAXVELO_CACHE_DIR", "0")
+        assert host_kernels._verified_stamp() is None
+        host_kernels._numpy_verified.cache_clear()
+        monkeypatch.setattr(host_kernels, "_numpy_check", check(True))
+        assert host_kernels._numpy_verified() and calls == [True, False, True]
+    finally:
+        host_kernels._numpy_verified.cache_clear()
