@@ -101,3 +101,44 @@ def test_cache_dir_setting(monkeypatch, tmp_path):
     monkeypatch.delenv("JAXVELO_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert batch.cache_dir() == tmp_path / "jaxvelo"
+
+
+@pytest.mark.skipif(not batch.use_host_kernels(), reason="the CPU kernels are not used here")
+def test_kernels_preload_in_background_once(monkeypatch):
+    """``preload_kernels`` loads the kernels in a background thread; the program's own
+    ``register_all`` waits for it instead of loading them again, and what failed in the
+    background is raised there, in the caller's thread."""
+    import threading
+    import time
+
+    from jaxvelo.core import host_kernels
+
+    monkeypatch.setattr(host_kernels, "_REGISTERED", threading.Event())
+    monkeypatch.setattr(host_kernels, "_REGISTER_LOCK", threading.Lock())
+    calls = []
+
+    def slow_warm_cache():
+        calls.append(threading.current_thread().name)
+        time.sleep(0.3)
+        return 0
+
+    monkeypatch.setattr(host_kernels, "warm_cache", slow_warm_cache)
+    batch.preload_kernels()
+    time.sleep(0.05)
+    host_kernels.register_all()
+    assert calls == ["jaxvelo-kernels"] and host_kernels._REGISTERED.is_set()
+    host_kernels.register_all()  # once per process
+    assert calls == ["jaxvelo-kernels"]
+
+    monkeypatch.setattr(host_kernels, "_REGISTERED", threading.Event())
+
+    def broken():
+        calls.append(threading.current_thread().name)
+        raise RuntimeError("no kernels")
+
+    monkeypatch.setattr(host_kernels, "warm_cache", broken)
+    batch.preload_kernels()
+    time.sleep(0.1)
+    with pytest.raises(RuntimeError, match="no kernels"):
+        host_kernels.register_all()
+    assert calls[1:] == ["jaxvelo-kernels", "MainThread"]

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from scipy.sparse import issparse
 
-from ..core.batch import fit_genes, neighbors_from_csr
+from ..core.batch import fit_genes, neighbors_from_csr, preload_kernels
 from ..core.em import FitConfig, Loaded
 from ..core.gradient import GradientConfig
 
@@ -288,6 +288,7 @@ def recover_dynamics(
     if fit_connected_states is None:
         fit_connected_states = not use_raw
 
+    preload_kernels()  # numba's kernels load while the genes are selected
     writes = _Writes()
     var_names = _resolve_var_names(adata, var_names, use_raw, writes)
     if len(var_names) == 0:

@@ -36,6 +36,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import threading
 
 import numba as nb
 import numpy as np
@@ -1332,14 +1333,27 @@ def warm_cache(workers: int | None = None) -> int:
     return len(todo) if procs else 0
 
 
+_REGISTER_LOCK = threading.Lock()
+_REGISTERED = threading.Event()
+
+
 def register_all() -> None:
-    warm_cache()
-    if numpy_exp_log_available():
-        for precision, dtype in _NUMPY_TARGETS:
-            register_numpy_exp_log(precision, dtype)
-    for dt in (np.float32, np.float64):
-        register_pairwise(dt)
-        register(dt)
-        register_sort(dt)
-        register_smooth(dt)
-        register_nearest(dt)
+    """Compile or load every kernel and register its custom-call target (before a program
+    that refers to them is compiled or loaded); once per process. Thread-safe: a call
+    while another runs (:func:`jaxvelo.core.batch.preload_kernels`) waits for it."""
+    if _REGISTERED.is_set():
+        return
+    with _REGISTER_LOCK:
+        if _REGISTERED.is_set():
+            return
+        warm_cache()
+        if numpy_exp_log_available():
+            for precision, dtype in _NUMPY_TARGETS:
+                register_numpy_exp_log(precision, dtype)
+        for dt in (np.float32, np.float64):
+            register_pairwise(dt)
+            register(dt)
+            register_sort(dt)
+            register_smooth(dt)
+            register_nearest(dt)
+        _REGISTERED.set()
