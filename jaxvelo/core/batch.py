@@ -201,8 +201,14 @@ def _executable(cfg, has_nbrs, init_vals, gd, nb, ld, n_dev: int = 1) -> list[Ca
     Every device runs the same single-device program, so a gene's result does not depend
     on the device it ran on (or on the device count)."""
     host = use_host_kernels()
+    if host:
+        from . import host_kernels
+
+        # custom-call targets the program refers to by name; waits for preload_kernels,
+        # whose check of numpy's exp/log the key then reads (not run twice at once)
+        host_kernels.register_all()
     key = _key(cfg, has_nbrs, init_vals, host, gd, nb, ld)
-    return [_loaded(key, d, cfg, has_nbrs, init_vals, host, gd, nb, ld) for d in range(n_dev)]
+    return [_loaded(key, d, cfg, has_nbrs, init_vals, gd, nb, ld) for d in range(n_dev)]
 
 
 def preload_kernels() -> None:
@@ -225,16 +231,12 @@ def preload_kernels() -> None:
     threading.Thread(target=load, name="jaxvelo-kernels", daemon=True).start()
 
 
-def _loaded(key, d, cfg, has_nbrs, init_vals, host, gd, nb, ld) -> Callable:
+def _loaded(key, d, cfg, has_nbrs, init_vals, gd, nb, ld) -> Callable:
     """The program for device ``d``, kept in memory (a few, least recently used out)."""
     mkey = f"{key}/{d}"
     if mkey in _MEMORY:
         _MEMORY.move_to_end(mkey)
         return _MEMORY[mkey]
-    if host:
-        from . import host_kernels
-
-        host_kernels.register_all()  # custom-call targets the program refers to by name
     fn = _cached_program(key, d, cfg, has_nbrs, init_vals, gd, nb, ld)
     _MEMORY[mkey] = fn
     while len(_MEMORY) > _MEMORY_SIZE:

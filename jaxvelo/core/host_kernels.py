@@ -1334,17 +1334,20 @@ def warm_cache(workers: int | None = None) -> int:
 
 
 _REGISTER_LOCK = threading.Lock()
-_REGISTERED = threading.Event()
+_REGISTERED: set[bool] = set()  # the JAXVELO_NUMPY_EXP_LOG switch states registered for
 
 
 def register_all() -> None:
     """Compile or load every kernel and register its custom-call target (before a program
-    that refers to them is compiled or loaded); once per process. Thread-safe: a call
-    while another runs (:func:`jaxvelo.core.batch.preload_kernels`) waits for it."""
-    if _REGISTERED.is_set():
+    that refers to them is compiled or loaded); once per process and state of the
+    ``JAXVELO_NUMPY_EXP_LOG`` switch (numpy's exp/log targets are registered only where
+    used). Thread-safe: a call while another runs
+    (:func:`jaxvelo.core.batch.preload_kernels`) waits for it."""
+    switch = os.environ.get("JAXVELO_NUMPY_EXP_LOG", "1") != "0"
+    if switch in _REGISTERED:
         return
     with _REGISTER_LOCK:
-        if _REGISTERED.is_set():
+        if switch in _REGISTERED:
             return
         warm_cache()
         if numpy_exp_log_available():
@@ -1356,4 +1359,4 @@ def register_all() -> None:
             register_sort(dt)
             register_smooth(dt)
             register_nearest(dt)
-        _REGISTERED.set()
+        _REGISTERED.add(switch)
