@@ -79,9 +79,10 @@ def _smooth_host(nbrs: Neighbors, parts: list[Array]) -> Array:
     """``connectivities.dot(x.T).T`` for ``x`` the rows of ``parts`` (R arrays of shape
     (G, n_obs)) interleaved gene-major -- row ``g * R + k`` is row ``g`` of part ``k`` --
     as the numba custom call of :mod:`.host_kernels` (CPU): per block of 16 rows, a
-    cells-first copy and scipy's row loop over the CSR neighbour lists (one row at a
-    time, in the cells' order), with the 16 sums in vector registers -- no transposes or gathers in
-    the program; the degree-bucketed XLA loop it replaced was ~3-4x slower on XLA:CPU.
+    cells-first copy and scipy's row loop over the CSR neighbour lists (one row at a time,
+    in the cells' order), with the 16 sums in vector registers -- no transposes or
+    gathers in the program; the degree-bucketed XLA loop it replaced was ~3-4x slower on
+    XLA:CPU.
     Bitwise the same values as :func:`_smooth_cells_first`.
 
     The parts are separate operands (read by the kernel where they lie), so the program

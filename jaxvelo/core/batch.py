@@ -336,15 +336,21 @@ def cache_limit() -> int:
     return _parse_bytes(env) if env else DEFAULT_CACHE_LIMIT
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """``data`` into ``path`` (its folder created) through a temporary file beside it and
+    a rename: concurrent processes never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as f:
+        f.write(data)
+    os.replace(f.name, path)
+
+
 def _store(path: Path, compiled) -> None:
     from jax.experimental.serialize_executable import serialize
 
     try:
         payload, _, _ = serialize(compiled)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as f:
-            f.write(payload)
-        os.replace(f.name, path)  # atomic: concurrent processes never see half a file
+        write_atomic(path, payload)
         _prune(path.parent, cache_limit(), keep=path)
     except (OSError, ValueError, NotImplementedError, pickle.PicklingError):
         pass  # caching is an optimisation; an unwritable folder must not fail the fit

@@ -1091,21 +1091,21 @@ def _exp_log_probes() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {"float32": (e32, l32), "float64": (e64, l64)}
 
 
-def _verified_stamp() -> str | None:
+def _verified_stamp():
     """The file that records a passed :func:`_numpy_verified` for this numpy build, CPU
     and kernel (None: no on-disk cache, ``JAXVELO_CACHE_DIR=0``). The check costs ~0.3 s
     per process (numba loads the test kernel, ~1.2 M values per dtype); a returning
     process reads the stamp instead. Its name hashes everything the outcome depends on:
     numpy's version and extension module (path, size, mtime), the CPU features numpy
     dispatches on (and the variables that restrict them), numba, llvmlite, Python and
-    this module's source."""
+    the core's source (``batch._core_hash``, also in the programs' keys). A path."""
     import hashlib
     import platform
     import sys
 
     import llvmlite
 
-    from .batch import cache_dir
+    from .batch import _core_hash, cache_dir
 
     folder = cache_dir()
     if folder is None:
@@ -1117,11 +1117,10 @@ def _verified_stamp() -> str | None:
         sorted(getattr(core, "__cpu_features__", {}).items()),
         getattr(core, "__cpu_baseline__", None), getattr(core, "__cpu_dispatch__", None),
         os.environ.get("NPY_DISABLE_CPU_FEATURES"), os.environ.get("NPY_ENABLE_CPU_FEATURES"),
-        nb.__version__, llvmlite.__version__, sys.version, platform.machine(),
-        hashlib.sha256(open(__file__, "rb").read()).hexdigest(),
+        nb.__version__, llvmlite.__version__, sys.version, platform.machine(), _core_hash(),
     )  # fmt: skip
     key = hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
-    return str(folder / f"numpy-exp-log-{key}.ok")
+    return folder / f"numpy-exp-log-{key}.ok"
 
 
 @functools.cache
@@ -1133,17 +1132,15 @@ def _numpy_verified() -> bool:
     if _numpy_loops() is None:
         return False
     stamp = _verified_stamp()
-    if stamp is not None and os.path.exists(stamp):
+    if stamp is not None and stamp.exists():
         return True
     if not _numpy_check():
         return False
     if stamp is not None:
+        from .batch import write_atomic
+
         try:
-            os.makedirs(os.path.dirname(stamp), exist_ok=True)
-            tmp = f"{stamp}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                f.write("numpy's exp/log loops verified against the kernel\n")
-            os.replace(tmp, stamp)
+            write_atomic(stamp, b"numpy's exp/log loops verified against the kernel\n")
         except OSError:  # a read-only cache: check again next time
             pass
     return True
