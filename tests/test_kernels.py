@@ -459,18 +459,21 @@ def _emptied_rows(conn, frac: float, seed: int) -> sparse.csr_matrix:
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 400), genes=st.integers(1, 13),
        parts=st.integers(1, 4), f32=st.booleans(), pad=st.integers(0, 20),
-       holes=st.sampled_from([0.0, 0.1, 0.5]))  # fmt: skip
-@example(seed=3, n=57, genes=10, parts=2, f32=False, pad=0, holes=0.0)  # 16 + a 4-wide tail
-@example(seed=4, n=90, genes=9, parts=4, f32=True, pad=5, holes=0.1)  # 32 + a 4-wide tail
-@example(seed=5, n=33, genes=13, parts=1, f32=False, pad=1, holes=0.5)  # 16 wide, not 8
-@example(seed=6, n=40, genes=4, parts=2, f32=True, pad=2, holes=0.1)  # exactly 8 wide
-def test_smooth_host_kernel_matches_scipy_and_xla(seed, n, genes, parts, f32, pad, holes):
+       holes=st.sampled_from([0.0, 0.1, 0.5]), kept=st.sampled_from([0.0, 0.3, 0.8]))  # fmt: skip
+@example(seed=3, n=57, genes=10, parts=2, f32=False, pad=0, holes=0.0, kept=0.0)  # 16 + 4 wide
+@example(seed=4, n=90, genes=9, parts=4, f32=True, pad=5, holes=0.1, kept=0.0)  # 32 + 4 wide
+@example(seed=5, n=33, genes=13, parts=1, f32=False, pad=1, holes=0.5, kept=0.0)  # 16, not 8
+@example(seed=6, n=40, genes=4, parts=2, f32=True, pad=2, holes=0.1, kept=0.0)  # exactly 8
+@example(seed=7, n=64, genes=16, parts=4, f32=False, pad=3, holes=0.0, kept=0.3)  # gaps
+def test_smooth_host_kernel_matches_scipy_and_xla(seed, n, genes, parts, f32, pad, holes, kept):
     """The CPU custom call (16-column blocks, any remainder -- a last block of 1-8 columns
     in the 8-wide kernel, of 9-15 in the 16-wide one, whose sums go through a scratch
-    block; empty rows zero; the rows read from ``parts`` separate operands, interleaved
-    gene-major) and the XLA loop give scipy's ``conn.dot(x.T).T`` bitwise, in float32
+    block; empty rows zero; the rows read from ``parts`` separate operands, the result
+    part-major) and the XLA loop give scipy's ``conn.dot(x.T).T`` bitwise, in float32
     (float32 x) and float64, with ``pad`` empty rows (padded cells), a fraction ``holes``
-    of rows emptied between rows with entries, and unused entries."""
+    of rows emptied between rows with entries, and unused entries. With ``reuse``, the
+    rows ``keep`` names (a fraction ``kept`` of the last two parts' rows) are copied from
+    ``prev`` -- the rest computed around them, in blocks whose rows are not adjacent."""
     import numba
 
     conn = _padded_csr(_emptied_rows(_ragged_conn(n, seed), holes, seed), pad)
@@ -481,17 +484,31 @@ def test_smooth_host_kernel_matches_scipy_and_xla(seed, n, genes, parts, f32, pa
     cols = genes * parts
     x = rng.random((cols, n)) ** 3 * rng.integers(0, 2, (cols, n))  # zeros too
     x = x.astype(np.float32 if f32 else np.float64)
-    expected = conn.dot(x.T).T
+    expected = conn.dot(x.T).T  # gene-major: row g * parts + k
     assert expected.dtype == x.dtype
+    # reuse: parts >= 2 only; K = 2 earlier rows per gene, the last two parts may take them
+    k_cached = min(2, parts - 1) if parts > 1 else 0
+    prev = rng.random((genes, max(k_cached, 1), n)).astype(x.dtype)
+    keep = np.full((genes, parts), -1, np.int32)
+    for j in range(k_cached):
+        keep[:, parts - k_cached + j] = np.where(rng.random(genes) < kept, j, -1)
     with jax.enable_x64(True):
         nbj = jax.tree_util.tree_map(jnp.asarray, nb)
         assert "jaxvelo_smooth" in jax.jit(assign.smooth).lower(nbj, jnp.asarray(x)).as_text()
-        # row g * parts + k of x is row g of part k
-        host = jax.jit(assign._smooth_host)(nbj, [jnp.asarray(x[k::parts]) for k in range(parts)])
+        px = [jnp.asarray(x[k::parts]) for k in range(parts)]
+        host = jax.jit(assign._smooth_host)(nbj, px)
+        reused = jax.jit(assign._smooth_host)(nbj, px, (jnp.asarray(prev), jnp.asarray(keep)))
         xla = jax.jit(lambda v: assign._smooth_cells_first(nbj, v.T).T)(jnp.asarray(x))
     assert host.dtype == x.dtype
-    np.testing.assert_array_equal(np.asarray(host), expected)
+    # part-major (row k * genes + g) -> gene-major
+    gm = np.asarray(host).reshape(parts, genes, n).transpose(1, 0, 2).reshape(cols, n)
+    np.testing.assert_array_equal(gm, expected)
     np.testing.assert_array_equal(np.asarray(xla), expected)
+    want = expected.reshape(genes, parts, n).copy()
+    g_idx, k_idx = np.nonzero(keep >= 0)
+    want[g_idx, k_idx] = prev[g_idx, keep[g_idx, k_idx]]
+    got = np.asarray(reused).reshape(parts, genes, n).transpose(1, 0, 2)
+    np.testing.assert_array_equal(got, want)
     # the kernel's compile-time switch is restored
     assert numba.config.SLP_VECTORIZE == int(os.environ.get("NUMBA_SLP_VECTORIZE", "0"))
 

@@ -22,8 +22,10 @@ from .assign import (
     Assignment,
     ModeSwitch,
     Neighbors,
+    SteadyCache,
     assign_timepoints,
     projection_grid_size_traced,
+    use_host_kernels,
 )
 from .kinetics import linspace, solution, tau_inv, unspliced
 from .nelder_mead import nm_consume, nm_init, nm_options, nm_propose
@@ -212,9 +214,10 @@ def _overlay(state: EMState, idx: tuple[int, ...], x: Array) -> Array:
     return p.at[T_].set(jnp.where(p[T_] == 0, state.pars[T_], p[T_]))
 
 
-def _assign(st: Static, p: Array, mode, nbrs, cfg: FitConfig, fl=None) -> Assignment:
+def _assign(st: Static, p: Array, mode, nbrs, cfg: FitConfig, fl=None, cache=None) -> Assignment:
     """The time assignment of the parameters ``p``; ``fl``: the float32 flags, with the
-    time flag meaning "the data layers are float32" (``st.data32``)."""
+    time flag meaning "the data layers are float32" (``st.data32``); ``cache``: the gene's
+    :class:`~jaxvelo.core.assign.SteadyCache` (the result's ``cache`` is the new one)."""
     alpha, beta, gamma, scaling, t_ = _vars(p)
     u = true_divide(st.u, scaling)
     if fl is not None:
@@ -223,15 +226,8 @@ def _assign(st: Static, p: Array, mode, nbrs, cfg: FitConfig, fl=None) -> Assign
     return assign_timepoints(
         u, st.s, alpha, beta, gamma, scaling, t_, st.std_u, st.std_s,
         nbrs, mode, cfg.fit_steady_states, fl, valid=st.valid, grid=_grid(st),
+        steady_cache=cache,
     )  # fmt: skip
-
-
-def _time(state: EMState, st: Static, p, mode, nbrs, cfg, refit: bool, fl=None):
-    """``get_time_assignment``: re-assign (``refit_time``) or the stored ``(t, tau, o)``."""
-    if refit:
-        a = _assign(st, p, mode, nbrs, cfg, fl)
-        return a.t, a.tau, a.o
-    return state.t, state.tau, state.o
 
 
 def _flags(f32, beta_int, t32, ratio32) -> obj.Flags:
@@ -305,26 +301,34 @@ def _row(evals: _Eval, j) -> _Eval:
     return jax.tree_util.tree_map(lambda x: x[j], evals)
 
 
-def _evaluate(state: EMState, st: Static, p, fl, mode, nbrs, cfg: FitConfig, refit) -> _Eval:
+def _evaluate(state: EMState, st: Static, p, fl, mode, nbrs, cfg: FitConfig, refit,
+              cache: SteadyCache | None = None) -> tuple[_Eval, SteadyCache | None]:  # fmt: skip
     """The time assignment of ``p`` (``get_time_assignment``; the stored one unless
     ``refit``) and its loss. ``refit``: a Python bool, or a per-gene flag (then the
-    assignment runs only when some gene of the batch needs it, :func:`cond_any`)."""
+    assignment runs only when some gene of the batch needs it, :func:`cond_any`).
+    ``cache``: the gene's :class:`~jaxvelo.core.assign.SteadyCache`, returned updated
+    where an assignment ran (with ``cache=None``, None)."""
     if isinstance(refit, bool):
-        t, tau, o = _time(state, st, p, mode, nbrs, cfg, refit, fl)
+        if refit:
+            a = _assign(st, p, mode, nbrs, cfg, fl, cache)
+            t, tau, o, cache = a.t, a.tau, a.o, a.cache
+        else:
+            t, tau, o = state.t, state.tau, state.o
     else:
         modes = mode.modes if isinstance(mode, ModeSwitch) else None
         index = mode.index if isinstance(mode, ModeSwitch) else None
 
-        def assigned(st, p, fl, nbrs, index, t, tau, o):
-            a = _assign(st, p, mode if index is None else ModeSwitch(modes, index), nbrs, cfg, fl)
-            return a.t, a.tau, a.o
+        def assigned(st, p, fl, nbrs, index, t, tau, o, cache):
+            a = _assign(st, p, mode if index is None else ModeSwitch(modes, index), nbrs, cfg, fl,
+                        cache)  # fmt: skip
+            return a.t, a.tau, a.o, a.cache
 
-        def kept(st, p, fl, nbrs, index, t, tau, o):
-            return t, tau, o
+        def kept(st, p, fl, nbrs, index, t, tau, o, cache):
+            return t, tau, o, cache
 
-        t, tau, o = cond_any(refit, assigned, kept, st, p, fl, nbrs, index, state.t, state.tau,
-                             state.o)  # fmt: skip
-    return _Eval(t, tau, o, _se(st, t, p, state.ratio, fl))
+        t, tau, o, cache = cond_any(refit, assigned, kept, st, p, fl, nbrs, index, state.t,
+                                    state.tau, state.o, cache)  # fmt: skip
+    return _Eval(t, tau, o, _se(st, t, p, state.ratio, fl)), cache
 
 
 def _recompute(cfg: FitConfig, modes, final) -> Array | bool:
@@ -506,6 +510,7 @@ class _Machine(NamedTuple):
     sc0: Array  # initialize_scaling's z_vals centre
     alpha0: Array  # alpha when fit() starts (fit_t_and_alpha's grid centre)
     done: Array
+    sc: SteadyCache | None  # the steady rows' sums of the gene's last assignment
 
 
 def _nm_candidate(state: EMState, idx: tuple, x32, x) -> Candidate:
@@ -614,7 +619,7 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
         nm = tuple(nm)
         return _Machine(em=em, step=s.astype(jnp.int32), upd=kind != _NM,
                         k=jnp.zeros((), jnp.int32), evals=m.evals, cand=cand, back=no,
-                        nm=nm, sc0=sc0, alpha0=alpha0, done=s >= n_steps)  # fmt: skip
+                        nm=nm, sc0=sc0, alpha0=alpha0, done=s >= n_steps, sc=m.sc)  # fmt: skip
 
     def start_update(m: _Machine, em: EMState, cand: Candidate, back) -> _Machine:
         return m._replace(em=em, upd=jnp.asarray(True), k=jnp.zeros((), jnp.int32),
@@ -651,7 +656,7 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
             fl = _select(here, g_fl, fl)
             refit = jnp.where(here, g_refit, refit)
         # --- the one evaluation
-        ev = _evaluate(em, st, p, fl, ModeSwitch(modes3, mode), nbrs, cfg, refit)
+        ev, sc = _evaluate(em, st, p, fl, ModeSwitch(modes3, mode), nbrs, cfg, refit, m.sc)
         # --- Nelder-Mead bookkeeping (get_mse = get_se / n, np.mean)
         fval = true_divide(ev.loss, st.w.n)
         nm_new, nm_end, nm_done = list(m.nm), no, no
@@ -703,12 +708,17 @@ def _run_schedule(state: EMState, st: Static, nbrs, cfg: FitConfig, modes,
         advanced = enter(m, em_new, m.step + 1)
         after = _select(m.back, resumed, advanced)
         in_upd = _select(decided, after, pending)
-        return _select(m.upd, in_upd, in_nm)._replace(evals=evals)
+        return _select(m.upd, in_upd, in_nm)._replace(evals=evals, sc=sc)
 
     nm0 = tuple(_nm_start(state, stages[ms[0]].idx) for ms in members)
+    # the steady rows' cache: where the CPU kernel can skip rows (elsewhere every row is
+    # smoothed anyway, and the cache would only be carried)
+    sc = None
+    if nbrs is not None and cfg.fit_steady_states and use_host_kernels():
+        sc = SteadyCache.empty(st.u.shape[0], state.t.dtype)
     m0 = _Machine(em=state, step=jnp.zeros((), jnp.int32), upd=no, k=jnp.zeros((), jnp.int32),
                   evals=_stack3(_stored(state)), cand=_same(state), back=no, nm=nm0,
-                  sc0=state.pars[SCALING], alpha0=state.pars[ALPHA], done=no)  # fmt: skip
+                  sc0=state.pars[SCALING], alpha0=state.pars[ALPHA], done=no, sc=sc)  # fmt: skip
     m = enter(m0, state, jnp.zeros((), jnp.int32))
     m = while_any(lambda m: ~m.done, lambda c, m: body(m, *c), m, (st, nbrs))
     return m.em
@@ -867,7 +877,7 @@ def initial_state(
     a = assign_timepoints(true_divide(gd.u, scaling), gd.s, alpha, beta, gamma, scaling, t_,
                           std_u, std_s, nbrs, None, cfg.fit_steady_states, valid=st.valid,
                           grid=_grid(st))  # fmt: skip
-    a = Assignment(*(x.astype(f64) if x.dtype != jnp.int32 else x for x in a))
+    a = Assignment(*(x.astype(f64) if x.dtype != jnp.int32 else x for x in a[:5]))
     is32 = gd.u.dtype == jnp.float32 and init_vals is None
     data32 = jnp.asarray(gd.u.dtype == jnp.float32)
     # fit_scaling=True: std_u / std_s of float32 data is float32; fit_scaling=False: the

@@ -605,9 +605,11 @@ with _slp_vectorized():
     def _smooth_run(frame, like):
         # operands: R parts x_k (G, n) of like's dtype, then the neighbour lists
         # (assign.Neighbors): ptr (n + 1,) int32, idx (nnz,) int32, val (nnz,) float32;
-        # result (G * R, n) like x, gene-major: its row g * R + k smooths row g of part k
-        # (R = result rows / G). Separate parts spare the program a stacked, transposed
-        # copy of the rows.
+        # optionally then earlier sums prev (G * K, n) and keep (G, R) int32. Result
+        # (R * G, n) like x, part-major: its row k * G + g smooths row g of part k, or
+        # is row g * K + keep[g, k] of prev where keep[g, k] >= 0 (the caller's earlier
+        # sums of the same input, assign.smooth's cache: copied, not computed). Separate
+        # parts spare the program a stacked, transposed copy of the rows.
         run, f = _ffi_frame(frame)
         if run:
             out = _ffi_array(f[14], 0, like)
@@ -617,27 +619,47 @@ with _slp_vectorized():
             ptr = _ffi_vector(f[9], R, np.int32(0))
             idx = _ffi_vector(f[9], R + 1, np.int32(0))
             val = _ffi_vector(f[9], R + 2, np.float32(0))
+            # the result's rows to compute, in order: blocks of them
+            cols = np.arange(C)
+            m = C
+            if f[7] == R + 5:  # prev and keep given
+                prev = _ffi_array(f[9], R + 3, like)
+                keep = _ffi_array(f[9], R + 4, np.int32(0))
+                K = prev.shape[0] // G
+                m = 0
+                for c in range(C):
+                    j = keep[c % G, c // G]
+                    if j >= 0:
+                        out[c] = prev[(c % G) * K + j]
+                    else:
+                        cols[m] = c
+                        m += 1
             room = _SMOOTH_ALIGN // out.itemsize  # elements, for the shift to the boundary
             buf = np.zeros(n * _SMOOTH_BLOCK + room, out.dtype)
-            # the sums of a last, partial block (the kernel writes all of its W rows)
-            tail = np.empty((_SMOOTH_BLOCK if C % _SMOOTH_BLOCK else 0, n), out.dtype)
+            # the sums of a block whose rows are not W adjacent rows of the result
+            tail = np.empty((_SMOOTH_BLOCK, n), out.dtype)
             z8 = (like, like, like, like, like, like, like, like)  # y = 0 in like's dtype
-            for c0 in range(0, C, _SMOOTH_BLOCK):
-                w = min(_SMOOTH_BLOCK, C - c0)
-                W = 8 if w <= 8 else _SMOOTH_BLOCK  # a last block of 1-8 rows: 8 wide
+            for c0 in range(0, m, _SMOOTH_BLOCK):
+                w = min(_SMOOTH_BLOCK, m - c0)
+                W = 8 if w <= 8 else _SMOOTH_BLOCK  # a last block of 1-8 columns: 8 wide
                 t = _aligned_rows(buf, n, W)
                 for b in range(w):
-                    x = _ffi_array(f[9], (c0 + b) % R, like)
-                    g = (c0 + b) // R
+                    c = cols[c0 + b]
+                    x = _ffi_array(f[9], c // G, like)
+                    g = c % G
                     for j in range(n):
                         t[j, b] = x[g, j]
-                o = out[c0 : c0 + W] if w == W else tail[:W]
+                # straight into the result when the block's rows are adjacent (a kernel
+                # storing through a row index per column was ~7% slower, alone)
+                direct = w == W and cols[c0 + w - 1] - cols[c0] == w - 1
+                o = out[cols[c0] : cols[c0] + W] if direct else tail[:W]
                 if W == 8:
                     _smooth_rows(t, ptr, idx, val, o, z8)
                 else:
                     _smooth_rows(t, ptr, idx, val, o, z8 + z8)
-                if w < W:
-                    out[c0 : c0 + w] = tail[:w]
+                if not direct:
+                    for b in range(w):
+                        out[cols[c0 + b]] = tail[b]
         return _ptr(0)
 
     def _ffi_smooth_f64(frame):  # a cfunc: _cfunc
