@@ -592,20 +592,10 @@ def _write_results(adata, writes: _Writes, res, idx, u0, s0, conn, t_max, cfg):
     pars = _read_pars(adata, _PAR_NAMES, n_vars)
     alpha, beta, gamma, t_, scaling, std_u, std_s, likelihood = pars[:8]
     pu0, ps0, pval, steady_u, steady_s, varx = pars[8:]
-    shape = adata.shape
-    had_t = "fit_t" in adata.layers.keys()
-    T = np.array(adata.layers["fit_t"], dtype=float) if had_t else np.full(shape, np.nan)
-    Tau = (
-        np.array(adata.layers["fit_tau"], dtype=float)
-        if "fit_tau" in adata.layers.keys()
-        else np.full(shape, np.nan)
-    )
-    Tau_ = (
-        np.array(adata.layers["fit_tau_"], dtype=float)
-        if "fit_tau_" in adata.layers.keys()
-        else np.full(shape, np.nan)
-    )
-    T[:, idx], Tau[:, idx], Tau_[:, idx] = res["t"].T, res["tau"].T, res["tau_"].T
+    # the fitted genes' columns (cells x fitted genes), computed on compact copies and
+    # written into the layers once
+    Tc = np.array(res["t"].T, dtype=float, order="C")  # conn.dot of a C-ordered copy, as before
+    Tau_c, Tau__c = np.asarray(res["tau"], float).T, np.asarray(res["tau_"], float).T
     p = res["pars"]
     alpha[idx], beta[idx], gamma[idx], t_[idx], scaling[idx] = p.T
     pu0[idx], ps0[idx], pval[idx] = u0, s0, res["pval_steady"]
@@ -619,7 +609,7 @@ def _write_results(adata, writes: _Writes, res, idx, u0, s0, conn, t_max, cfg):
         # T = conn.dot(T) over all genes -- whose unfitted columns are NaN, and stay NaN
         # (every row of conn has its diagonal), so only the fitted columns are computed
         # (csr_matvecs treats each column alone: the same bits)
-        T[:, idx] = conn.dot(T[:, idx])
+        Tc = conn.dot(Tc)
 
     # varm["loss"] (core ~620-635)
     n_hist = res["n_hist"]
@@ -642,9 +632,14 @@ def _write_results(adata, writes: _Writes, res, idx, u0, s0, conn, t_max, cfg):
     )
     m = None
     if t_max is not False:
-        alpha, beta, gamma, t_, mz, T, Tau, Tau_, m = _align(
-            alpha, beta, gamma, t_, mz, T, Tau, Tau_, idx, t_max
-        )
+        mz, Tc, Tau_c, Tau__c, m = _align(alpha, beta, gamma, t_, mz, Tc, Tau_c, Tau__c, idx, t_max)
+    layers = []
+    for key, cols in (("fit_t", Tc), ("fit_tau", Tau_c), ("fit_tau_", Tau__c)):
+        full = (np.array(adata.layers[key], dtype=float) if key in adata.layers.keys()
+                else np.full(adata.shape, np.nan))  # fmt: skip
+        full[:, idx] = cols
+        layers.append(full)
+    T, Tau, Tau_ = layers
     vals = [alpha, beta, gamma, t_, scaling, std_u, std_s, likelihood, pu0, ps0, pval]
     vals += [steady_u, steady_s, varx]
     for name, v in zip(_PAR_NAMES, vals, strict=True):
@@ -659,30 +654,31 @@ def _write_results(adata, writes: _Writes, res, idx, u0, s0, conn, t_max, cfg):
 
 
 def _align(alpha, beta, gamma, t_, mz, T, Tau, Tau_, idx, t_max):
-    """``align_dynamics(mode="align_total_time")`` for newly fitted genes (core ~700-770).
+    """``align_dynamics(mode="align_total_time")`` for newly fitted genes (core ~700-770)
+    on their columns ``T``, ``Tau``, ``Tau_`` (cells x fitted genes).
 
     ``mz[idx] = 1`` for the newly fitted genes, then ``m = t_max / T_max`` with
     ``T_max`` the on-span plus off-span of the (smoothed) times over the fraction of cells
     not at ``t_`` or 0 (float equality, core ~727); ``mz == 1`` is written as NaN.
+    ``alpha``, ``beta``, ``gamma`` and ``t_`` are scaled in place (all genes' arrays);
+    returns ``(mz, T, Tau, Tau_, m)`` with the scaled columns and the fitted genes' ``m``
+    (upstream's ``mz *= m`` multiplies the other genes by 1: unchanged).
     """
-    m = np.ones(len(alpha))
     mz = np.array(mz)
     mz[idx] = 1
-    Ti = T[:, idx]
-    T_max = np.max(Ti * (Ti < t_[idx]), axis=0)
-    T_max += np.max((Ti - t_[idx]) * (Ti > t_[idx]), axis=0)
-    denom = 1 - np.sum((Ti == t_[idx]) | (Ti == 0), axis=0) / len(T)
+    ti = t_[idx]
+    T_max = np.max(T * (T < ti), axis=0)
+    T_max += np.max((T - ti) * (T > ti), axis=0)
+    denom = 1 - np.sum((T == ti) | (T == 0), axis=0) / len(T)
     denom += denom == 0
     T_max = T_max / denom
     T_max += T_max == 0
     t_max = 20 if t_max is None else t_max
-    m[idx] = t_max / T_max
-    mz *= m
-    m_ = m[idx]
+    m_ = t_max / T_max
+    mz[idx] *= m_
     alpha[idx] = alpha[idx] / m_
     beta[idx] = beta[idx] / m_
     gamma[idx] = gamma[idx] / m_
-    T[:, idx], t_[idx] = T[:, idx] * m_, t_[idx] * m_
-    Tau[:, idx], Tau_[:, idx] = Tau[:, idx] * m_, Tau_[:, idx] * m_
+    t_[idx] = ti * m_
     mz[mz == 1] = np.nan
-    return alpha, beta, gamma, t_, mz, T, Tau, Tau_, m_
+    return mz, T * m_, Tau * m_, Tau_ * m_, m_
