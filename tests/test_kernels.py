@@ -642,3 +642,61 @@ def test_warm_cache_compiles_every_kernel_in_parallel(tmp_path):
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_steady_cache_reuses_exactly_while_its_inputs_are_unchanged(batched):
+    """``assign_timepoints`` with a :class:`~jaxvelo.core.assign.SteadyCache`: the steady
+    rows' sums come from the cache (here shifted by 1, so that a reuse shows) exactly
+    while their inputs are bit for bit those of the cached call -- both rows with the same
+    parameters, only ``distx_steady_`` after a change of ``alpha``, neither after a change
+    of ``scaling`` (or with an empty cache) -- and the assignment is that of the call
+    without a cache wherever the cache holds the true sums."""
+    if not assign.use_host_kernels():
+        pytest.skip("only the CPU kernel copies cached rows (the XLA loop smooths every row)")
+    conn = _ragged_conn(120, 3)
+    nb = neighbors_from_csr(conn.indptr, conn.indices, conn.data)
+    rng = np.random.default_rng(0)
+    u_raw, s = rng.random(120) * 2, rng.random(120) * 3
+
+    def run(alpha, scaling, cache):
+        u = u_raw / scaling
+        args = (jnp.asarray(u), jnp.asarray(s), alpha, 0.4, 0.3, scaling, 3.0, 0.5, 0.7)
+
+        def one(cache):
+            return assign.assign_timepoints(*args, nbrs, None, steady_cache=cache)
+
+        if not batched:
+            return jax.jit(one)(cache)
+        two = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), cache)
+        return jax.tree_util.tree_map(lambda x: x[1], jax.jit(jax.vmap(one))(two))
+
+    with jax.enable_x64(True):
+        nbrs = jax.tree_util.tree_map(jnp.asarray, nb)
+        empty = assign.SteadyCache.empty(120, jnp.float64)
+        first = run(1.5, 1.2, empty)
+        assert bool(first.cache.ok)
+        plain = jax.jit(lambda: assign.assign_timepoints(
+            jnp.asarray(u_raw / 1.2), jnp.asarray(s), 1.5, 0.4, 0.3, 1.2, 3.0, 0.5, 0.7,
+            nbrs, None))()  # fmt: skip
+        for f in ("t", "tau", "o"):
+            np.testing.assert_array_equal(
+                np.asarray(getattr(first, f)), np.asarray(getattr(plain, f))
+            )
+        true_y = np.asarray(first.cache.y)
+        shifted = first.cache._replace(y=first.cache.y + 1.0)
+        same = run(1.5, 1.2, shifted)
+        np.testing.assert_array_equal(np.asarray(same.cache.y), true_y + 1.0)  # both reused
+        # the cache holds the true sums: the same assignment as without it
+        again = run(1.5, 1.2, first.cache)
+        np.testing.assert_array_equal(np.asarray(again.t), np.asarray(plain.t))
+        other_alpha = run(1.7, 1.2, shifted)
+        np.testing.assert_array_equal(np.asarray(other_alpha.cache.y[0]), true_y[0] + 1.0)
+        fresh = run(1.7, 1.2, empty)
+        np.testing.assert_array_equal(
+            np.asarray(other_alpha.cache.y[1]), np.asarray(fresh.cache.y[1])
+        )
+        other_scaling = run(1.5, 1.25, shifted)
+        fresh = run(1.5, 1.25, empty)
+        np.testing.assert_array_equal(np.asarray(other_scaling.cache.y), np.asarray(fresh.cache.y))
+        assert not np.array_equal(np.asarray(fresh.cache.y), true_y)
