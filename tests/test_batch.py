@@ -15,7 +15,7 @@ from jaxvelo.core.batch import MAX_BATCH, auto_batch_size, working_bytes
 @pytest.mark.parametrize(
     "genes, cells, workers, expected",
     [
-        (611, 3696, 2, 16),  # the pancreas: 40 batches of 16 (cache-resident batches)
+        (611, 3696, 2, 16),  # the pancreas: 39 batches of 16 (cache-resident batches)
         (559, 1500, 2, 16),  # its 1500-cell subset: 36 of 16
         (200, 5780, 2, 15),  # 14 batches of 15, not 13 of 16 (odd) or 16 of 16 padded
         (20, 50_000, 2, 10),  # within the budget, the same number of batches per worker

@@ -134,7 +134,10 @@ def auto_batch_size(
     than by its width, so the fewest batches win (docs/benchmarks.md, GPU check). Then the
     fewest batches, a multiple of ``workers`` so that every thread has work, of equal
     size (rounded up to a multiple of 8 above 16 genes, so that similar gene counts share
-    compiled programs).
+    compiled programs). The rounding up of the size can leave fewer batches than that
+    multiple, the last one partly padded: 611 genes at the cap of 16 run as 39 batches,
+    not 40. Balancing the threads with smaller batches instead (14: 44 batches) measured
+    slower on the pancreas (docs/design.md).
     """
     budget = memory_budget() if budget is None else budget
     platform = jax.default_backend() if platform is None else platform
